@@ -1,0 +1,1 @@
+"""Shared package of mistral-qa: config, prompt, data, model and adapter loading, generation."""

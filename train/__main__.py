@@ -1,0 +1,56 @@
+"""Fine-tune a LoRA adapter with Ray Train.
+
+    python -m train --config train/configs/quickstart.yaml                      # CPU, a few minutes
+    python -m train --config train/configs/quickstart.yaml scaling.num_workers=2
+    python -m train --config train/configs/mistral7b_alpaca.yaml                # the reference run (GPUs)
+    python -m train --config train/configs/quickstart.yaml --print-config       # show the resolved config
+
+Overrides are `section.key=value` (YAML values). Re-running the same run.name resumes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from mistral_qa.config import TrainJobConfig
+from mistral_qa.configio import ConfigError, dump_config, load_config
+from mistral_qa.data import DataSourceError
+from mistral_qa.model import ModelLoadError
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML file under train/configs/")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        cfg = load_config(TrainJobConfig, args.config, args.overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(dump_config(cfg), end="")
+        return 0
+    from .launch import PreflightError, run_training  # imports Ray: only once the config is valid
+
+    try:
+        out = run_training(cfg)
+    except (ModelLoadError, DataSourceError, PreflightError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"adapter:    {out / 'adapter'}")
+    print(f"metrics:    {out / 'metrics.jsonl'}")
+    print(f"loss curve: {out / 'loss_curve.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""Build the Ray Train TorchTrainer from a TrainJobConfig, run it, and write the run's outputs.
+
+    outputs/<run>/adapter/          adapter_model.safetensors, adapter_config.json, tokenizer,
+                                    training_config.yaml (base model + prompt template for serving)
+    outputs/<run>/config.yaml       the resolved config
+    outputs/<run>/metrics.jsonl     one line per step (train loss, lr, tok/s, memory; eval loss at evals)
+    outputs/<run>/loss_curve.png
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import ray
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from mistral_qa.config import TrainJobConfig
+from mistral_qa.configio import dump_config
+from mistral_qa.data import DataSourceError, clean_rows, read_rows
+from mistral_qa.model import load_tokenizer
+from mistral_qa.prompt import TEMPLATE_NAME
+
+from .checkpoint import ADAPTER_DIR, read_history
+from .loop import train_loop_per_worker
+from .report import plot_losses, write_metrics
+
+log = logging.getLogger("train")
+
+
+class PreflightError(RuntimeError):
+    """The run cannot start (no GPUs, no data); raised before any worker starts."""
+
+
+def absolute(path: str) -> str:
+    """Local paths made absolute (Ray Train needs that); URIs such as s3:// pass through."""
+    return path if "://" in path else str(Path(path).expanduser().resolve())
+
+
+def check_resources(cfg: TrainJobConfig) -> None:
+    gpus = ray.cluster_resources().get("GPU", 0)
+    needed = cfg.scaling.num_workers if cfg.scaling.use_gpu else 0
+    if gpus < needed:
+        raise PreflightError(
+            f"scaling.use_gpu=true with scaling.num_workers={cfg.scaling.num_workers} needs "
+            f"{needed} GPUs; the Ray cluster has {gpus:g}. Use a GPU cluster, or a CPU config "
+            "(e.g. train/configs/quickstart.yaml)."
+        )
+
+
+def check_data(cfg: TrainJobConfig) -> None:
+    rows = read_rows(cfg.data.source)
+    good, report = clean_rows(rows[: cfg.data.max_rows] if cfg.data.max_rows else rows)
+    log.info("data %s: %s", cfg.data.source, report.summary())
+    if len(good) < 2:
+        raise DataSourceError(f"data.source {cfg.data.source!r} has too few usable rows: {report.summary()}")
+
+
+def build_trainer(cfg: TrainJobConfig) -> TorchTrainer:
+    scaling = cfg.scaling
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=cfg.model_dump(mode="json"),
+        scaling_config=ScalingConfig(
+            num_workers=scaling.num_workers,
+            use_gpu=scaling.use_gpu,
+            resources_per_worker={"CPU": scaling.cpus_per_worker},
+            placement_strategy=scaling.placement_strategy,
+        ),
+        run_config=RunConfig(
+            name=cfg.run.name,
+            storage_path=absolute(cfg.run.storage_path),
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.num_to_keep),
+        ),
+    )
+
+
+def write_outputs(cfg: TrainJobConfig, checkpoint_dir: Path, tokenizer) -> Path:
+    out = Path(absolute(cfg.run.output_dir)) / cfg.run.name
+    adapter = out / ADAPTER_DIR
+    if adapter.exists():
+        shutil.rmtree(adapter)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(checkpoint_dir / ADAPTER_DIR, adapter)
+    tokenizer.save_pretrained(adapter)
+    resolved = dump_config(cfg)
+    (out / "config.yaml").write_text(resolved)
+    (adapter / "training_config.yaml").write_text(f"prompt_template: {TEMPLATE_NAME}\n{resolved}")
+    history = read_history(checkpoint_dir)
+    write_metrics(history, out / "metrics.jsonl")
+    plot_losses(history, out / "loss_curve.png", f"{cfg.run.name}: {cfg.model.name}")
+    return out
+
+
+def run_training(cfg: TrainJobConfig) -> Path:
+    """Run (or resume) the training described by cfg; returns the run's output folder."""
+    tokenizer = load_tokenizer(cfg.model)  # fails fast (hub unreachable, missing package) before Ray work
+    check_data(cfg)
+    if not ray.is_initialized():
+        ray.init()
+    check_resources(cfg)
+    result = build_trainer(cfg).fit()
+    if result.checkpoint is None:
+        raise RuntimeError("training finished without a checkpoint")
+    with result.checkpoint.as_directory() as folder:
+        return write_outputs(cfg, Path(folder), tokenizer)

@@ -1,0 +1,196 @@
+"""train_loop_per_worker: the only code that runs inside Ray Train workers.
+
+Each worker loads the tokenizer, data and base model, wraps it in LoRA (and DDP when there are
+several workers), then trains on its own shard of every global batch. Every `eval_every` steps all
+workers evaluate on their shard of the held-out split and report a checkpoint (written by rank 0)
+to Ray Train; a restarted or re-run worker group continues from the latest one.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from mistral_qa.config import TrainJobConfig
+from mistral_qa.data import collate
+from mistral_qa.model import add_lora, load_base_model, load_tokenizer
+
+from .batches import micro_batch_indices, step_seed
+from .checkpoint import load_state, save_state
+from .optim import build_optimizer, build_scheduler
+from .prepare import prepare_data
+from .report import progress_line
+
+log = logging.getLogger("train")
+
+
+class InjectedFailure(RuntimeError):
+    """Raised on purpose by run.fail_at_step to exercise fault tolerance."""
+
+
+def resolve_precision(precision: str, on_cuda: bool) -> str:
+    if precision == "auto":
+        return "fp16" if on_cuda else "fp32"
+    return precision
+
+
+def _all_reduce(values: list[float], device: torch.device) -> list[float]:
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+class Worker:
+    """The state of one training worker; methods are the steps of the loop."""
+
+    def __init__(self, cfg: TrainJobConfig):
+        ctx = ray.train.get_context()
+        self.cfg = cfg
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.precision = resolve_precision(cfg.training.precision, self.device.type == "cuda")
+        self.amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision)
+        self.tokenizer = load_tokenizer(cfg.model)
+        self.train_items, self.eval_items, report = prepare_data(cfg.data, self.tokenizer)
+        if self.rank == 0:
+            log.info("data: %s", report.summary())
+        self.model = self._build_model()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(cfg.optim, params, self.device.type == "cuda")
+        self.scheduler = build_scheduler(cfg.optim, self.optimizer, cfg.training.max_steps)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self.step, self.history, self.resumed = 0, [], False
+
+    def _build_model(self):
+        cfg = self.cfg
+        # Frozen base in the compute dtype (fp16 weights under fp16 autocast); LoRA weights in fp32.
+        base_dtype = self.amp_dtype or torch.float32
+        torch.manual_seed(cfg.training.seed)
+        base = load_base_model(cfg.model, base_dtype, self.device)
+        model = add_lora(base, cfg.lora, cfg.training.gradient_checkpointing)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+        if self.world > 1:
+            return ray.train.torch.prepare_model(model, move_to_device=False)
+        return model
+
+    def restore(self) -> None:
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return
+        with checkpoint.as_directory() as folder:
+            self.step, self.history = load_state(Path(folder), self.model, self.optimizer, self.scheduler, self.scaler)
+        self.resumed = True
+        if self.rank == 0:
+            log.info("resumed from checkpoint at step %d", self.step)
+
+    def _batch(self, indices: list[int], items: list[dict]) -> dict:
+        batch = collate([items[i] for i in indices], self.tokenizer.pad_token_id)
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def _loss(self, batch: dict) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            return self.model(**batch).loss
+
+    def train_step(self) -> dict:
+        cfg, t = self.cfg.training, time.monotonic()
+        self.model.train()
+        torch.manual_seed(step_seed(cfg.seed, self.step + 1, self.rank))
+        loss_sum, tokens, nonpad = 0.0, 0, 0
+        for micro in range(cfg.grad_accum):
+            idx = micro_batch_indices(
+                len(self.train_items), cfg.seed, self.step + 1, micro, cfg.grad_accum, cfg.batch_size, self.world, self.rank
+            )
+            batch = self._batch(idx, self.train_items)
+            loss = self._loss(batch) / cfg.grad_accum
+            self.scaler.scale(loss).backward()
+            loss_sum += loss.item()
+            tokens += batch["input_ids"].numel()
+            nonpad += int(batch["attention_mask"].sum())
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        self.step += 1
+        loss_sum, tokens, nonpad = _all_reduce([loss_sum, tokens, nonpad], self.device)
+        elapsed = time.monotonic() - t
+        return {
+            "step": self.step, "train_loss": loss_sum / self.world, "lr": lr,
+            "tokens_per_s": tokens / elapsed, "nonpad_tokens_per_s": nonpad / elapsed,
+            "peak_memory_gib": peak_memory_gib(self.device),
+        }
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Token-weighted loss over this worker's shard of the eval split, summed over all workers."""
+        self.model.eval()
+        cfg = self.cfg.training
+        shard = list(range(self.rank, len(self.eval_items), self.world))
+        chunks = [shard[i : i + cfg.batch_size] for i in range(0, len(shard), cfg.batch_size)]
+        if cfg.eval_batches:
+            chunks = chunks[: cfg.eval_batches]
+        loss_sum, count = 0.0, 0
+        for idx in chunks:
+            batch = self._batch(idx, self.eval_items)
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            loss_sum += self._loss(batch).item() * n
+            count += n
+        loss_sum, count = _all_reduce([loss_sum, count], self.device)
+        return loss_sum / max(count, 1)
+
+    def checkpoint_and_report(self, record: dict) -> None:
+        """Every worker reports (Ray's report is a barrier); rank 0 attaches the checkpoint."""
+        with tempfile.TemporaryDirectory() as folder:
+            checkpoint = None
+            if self.rank == 0:
+                save_state(
+                    Path(folder), self.model, self.optimizer, self.scheduler, self.scaler,
+                    self.step, self.cfg.training.seed, self.history,
+                )
+                checkpoint = ray.train.Checkpoint.from_directory(folder)
+            ray.train.report(record, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{self.step:06d}")
+
+    def maybe_fail(self) -> None:
+        fail_at = self.cfg.run.fail_at_step
+        if fail_at == self.step and not self.resumed and self.rank == min(1, self.world - 1):
+            raise InjectedFailure(f"run.fail_at_step={fail_at}: worker {self.rank} fails on purpose")
+
+
+def train_loop_per_worker(config: dict) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cfg = TrainJobConfig.model_validate(config)
+    worker = Worker(cfg)
+    worker.restore()
+    tc = cfg.training
+    started, first_step = time.monotonic(), worker.step + 1
+    while worker.step < tc.max_steps:
+        record = worker.train_step()
+        worker.maybe_fail()
+        if worker.step % tc.eval_every == 0 or worker.step == tc.max_steps:
+            record["eval_loss"] = worker.evaluate()
+        worker.history.append(record)
+        if worker.rank == 0 and (worker.step % tc.log_every == 0 or "eval_loss" in record):
+            line = progress_line(worker.step, tc.max_steps, record, started, first_step)
+            log.info(line + (f" | eval loss {record['eval_loss']:.4f}" if "eval_loss" in record else ""))
+        if "eval_loss" in record:
+            worker.checkpoint_and_report(record)

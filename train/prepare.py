@@ -1,0 +1,22 @@
+"""From a data source to tokenised train and eval items, with one report of what was dropped."""
+
+from __future__ import annotations
+
+from mistral_qa.config import DataConfig
+from mistral_qa.data import DataReport, clean_rows, read_rows, split_rows, tokenize_rows
+
+
+def prepare_data(cfg: DataConfig, tokenizer) -> tuple[list[dict], list[dict], DataReport]:
+    rows = read_rows(cfg.source)
+    if cfg.max_rows:
+        rows = rows[: cfg.max_rows]
+    good, report = clean_rows(rows)
+    train_rows, eval_rows = split_rows(good, cfg.eval_size, cfg.split_seed)
+    train_items, train_report = tokenize_rows(tokenizer, train_rows, cfg.max_length, cfg.loss_on)
+    eval_items, eval_report = tokenize_rows(tokenizer, eval_rows, cfg.max_length, cfg.loss_on)
+    report.dropped.update(train_report.dropped)
+    report.dropped.update(eval_report.dropped)
+    report.kept = len(train_items) + len(eval_items)
+    if not train_items or not eval_items:
+        raise ValueError(f"no usable rows left for training or evaluation: {report.summary()}")
+    return train_items, eval_items, report

@@ -1,0 +1,49 @@
+"""What a run leaves for people: progress lines, metrics.jsonl and a loss-curve PNG."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import timedelta
+from pathlib import Path
+
+
+def progress_line(step: int, max_steps: int, record: dict, started: float, first_step: int) -> str:
+    done = step - first_step + 1
+    elapsed = time.monotonic() - started
+    eta = timedelta(seconds=int(elapsed / max(done, 1) * (max_steps - step)))
+    return (
+        f"step {step}/{max_steps} | loss {record['train_loss']:.4f} | lr {record['lr']:.2e} | "
+        f"{record['tokens_per_s']:.0f} tok/s ({record['nonpad_tokens_per_s']:.0f} non-pad) | eta {eta}"
+    )
+
+
+def write_metrics(history: list[dict], path: Path) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in history))
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_losses(history: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["train_loss"]) for r in history if r.get("train_loss") is not None]
+    evals = [(r["step"], r["eval_loss"]) for r in history if r.get("eval_loss") is not None]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss", linewidth=1)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
