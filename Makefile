@@ -19,18 +19,18 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 quickstart: $(STAMP)
-	$(BIN)/python -m train --config train/configs/quickstart.yaml
-	$(BIN)/python -m scripts.quickstart_answers outputs/quickstart
+	$(BIN)/python -m train --config train/configs/quickstart.yaml --ask 2
+	$(BIN)/python -m batch --config batch/configs/quickstart.yaml --show 5
 
 browser:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 	  (apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null)
 
 test: $(STAMP) browser
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not slow and not gpu"
 
 test-all: $(STAMP) browser
-	$(BIN)/python -m pytest -q -m "slow or not slow"
+	$(BIN)/python -m pytest -q -m "not gpu"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
