@@ -31,6 +31,9 @@ def ray_session():
 
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=4, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+        # Ray's own helper processes (and any subprocess) must join this instance, not another
+        # cluster that a test started on the same machine.
+        os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     yield ray
     ray.shutdown()
 
@@ -46,13 +49,17 @@ def tiny_config(tmp: Path, *overrides: str):
     )
 
 
+# The settings of the session's tiny run; fault-tolerance tests rerun them and compare losses.
+TINY_RUN = ("scaling.num_workers=2", "training.max_steps=10", "training.eval_every=5")
+
+
 @pytest.fixture(scope="session")
 def tiny_run(ray_session, tmp_path_factory) -> Path:
-    """A tiny Mistral LoRA run trained once per session (1 worker, 10 steps); returns its output folder."""
+    """A tiny Mistral LoRA run (2 workers, 10 steps, eval every 5) trained once per session; its output folder."""
     from train.launch import run_training
 
     tmp = tmp_path_factory.mktemp("tiny_run")
-    cfg = tiny_config(tmp, "scaling.num_workers=1", "training.max_steps=10", "run.name=shared-tiny")
+    cfg = tiny_config(tmp, *TINY_RUN, "run.name=shared-tiny")
     return run_training(cfg)
 
 
@@ -60,3 +67,21 @@ def tiny_run(ray_session, tmp_path_factory) -> Path:
 def tiny_adapter(tiny_run) -> Path:
     """The adapter folder of the session's tiny run (adapter_model.safetensors, tokenizer, training_config.yaml)."""
     return tiny_run / "adapter"
+
+
+SERVE_PORT = 8000  # the session Serve app; other tests that start Serve elsewhere use other ports
+
+
+@pytest.fixture(scope="session")
+def serve_url(ray_session, tiny_adapter) -> str:
+    """The session's Serve app at http://127.0.0.1:8000, built by serve.app:build_app as
+    `serve run` would: the tiny base as "base", the session's tiny adapter as "tiny"."""
+    from ray import serve as ray_serve
+
+    from serve.app import build_app
+
+    ray_serve.start(http_options={"host": "127.0.0.1", "port": SERVE_PORT})
+    args = {"engine": {"adapters": {"tiny": str(tiny_adapter)}, "max_batch_size": 8}, "default_max_tokens": 32}
+    ray_serve.run(build_app(args), name="mistral-qa", route_prefix="/")
+    yield f"http://127.0.0.1:{SERVE_PORT}"
+    ray_serve.delete("mistral-qa")

@@ -1,0 +1,32 @@
+"""The generation engine shared by serving and the batch job.
+
+    from mistral_qa.engine import Engine, EngineConfig, SamplingParams
+    engine = Engine(EngineConfig(adapters={"mobile-health": "outputs/quickstart/adapter"}))
+    [answer] = engine.generate([build_prompt("Does phone use before bed hurt sleep?")], SamplingParams())
+
+Layout: config (EngineConfig) · request (SamplingParams, Completion, Delta, Request) · loading
+(base + adapters) · kvbatch (prefill, decode_step, merge/select of a left-padded KV cache) ·
+sampling · textstream (detokenising, stop strings) · runner (continuous batching steps) ·
+scheduler (engine thread) · core (Engine) · errors.
+"""
+
+from .config import BASE_NAME, EngineConfig
+from .core import Engine
+from .errors import Cancelled, EngineError, EngineFailure, InvalidParameter, PromptTooLong, UnknownModel
+from .request import Completion, Delta, Request, SamplingParams
+
+__all__ = [
+    "BASE_NAME",
+    "Cancelled",
+    "Completion",
+    "Delta",
+    "Engine",
+    "EngineConfig",
+    "EngineError",
+    "EngineFailure",
+    "InvalidParameter",
+    "PromptTooLong",
+    "Request",
+    "SamplingParams",
+    "UnknownModel",
+]

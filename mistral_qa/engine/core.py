@@ -1,0 +1,148 @@
+"""Engine: the one generation engine behind serving (async, streamed) and the batch job (sync)."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from collections.abc import AsyncIterator
+
+from ..prompt import STOP_STRINGS
+from . import loading
+from .config import BASE_NAME, EngineConfig
+from .errors import EngineError, EngineFailure, PromptTooLong, UnknownModel
+from .request import Completion, Delta, Request, SamplingParams
+from .runner import StepRunner
+from .scheduler import Scheduler
+from .textstream import TextStream
+
+
+def eos_ids(model, tokenizer) -> set[int]:
+    """EOS ids from the tokenizer and the model's generation config (`generate` stops at the latter)."""
+    ids = {tokenizer.eos_token_id}
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(config_eos if isinstance(config_eos, list) else [config_eos])
+    return {i for i in ids if i is not None}
+
+
+class Engine:
+    """Loads the base and adapters once, then answers prompts in continuous batches.
+
+    `adapter` arguments take an adapter name, or None / BASE_NAME for the bare base (not
+    available once an adapter is merged into it).
+    """
+
+    def __init__(self, cfg: EngineConfig):
+        self.cfg = cfg
+        self._loaded = loading.load(cfg)
+        self.tokenizer = self._loaded.tokenizer
+        self.max_context = loading.context_limit(self._loaded.model, cfg.max_context)
+        self.base_name = BASE_NAME
+        self.adapter_names = list(cfg.adapters)
+        self.training_config = self._loaded.training_config
+        self.model_config = self._loaded.model_config
+        runner = StepRunner(
+            self._loaded,
+            cfg.max_batch_size,
+            self.max_context,
+            eos_ids(self._loaded.model, self.tokenizer),
+            self.tokenizer.pad_token_id,
+        )
+        self._scheduler = Scheduler(runner)
+
+    @property
+    def model_names(self) -> list[str]:
+        """Names a request may ask for: the base (unless an adapter is merged into it) and each adapter."""
+        return self.adapter_names if self._loaded.merged else [self.base_name, *self.adapter_names]
+
+    @property
+    def pending(self) -> int:
+        """Requests submitted and not finished yet (running or waiting)."""
+        return self._scheduler.pending
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of `text` as a prompt (with BOS, as training tokenised prompts)."""
+        return len(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+
+    def adapter_key(self, name: str | None) -> str | None:
+        """The adapter to run for a requested model name (None: the base); UnknownModel if not served."""
+        if name is None or name == self.base_name:
+            if self._loaded.merged:
+                raise UnknownModel(self.base_name, self.model_names)
+            return None
+        if name not in self.adapter_names:
+            raise UnknownModel(name, self.model_names)
+        return name
+
+    def make_request(self, prompt: str, params: SamplingParams, adapter: str | None = None) -> Request:
+        """Check and tokenise one prompt (raises EngineError subclasses); submit it with submit/stream."""
+        key = self.adapter_key(adapter)
+        params.check()
+        ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        if len(ids) >= self.max_context:
+            raise PromptTooLong(len(ids), self.max_context)
+        text = TextStream(self.tokenizer, [*STOP_STRINGS, *params.stop])
+        return Request(ids, params, key, text, self._loaded.device)
+
+    def submit(self, request: Request) -> None:
+        """Queue a request; request.on_delta is called from the engine thread for every new piece."""
+        self._scheduler.submit(request)
+
+    def generate(self, prompts: list[str], params: SamplingParams, adapter: str | None = None) -> list[Completion]:
+        """Answer every prompt (any number); results in the order of `prompts`.
+
+        Prompts are queued shortest first so that batches hold prompts of similar length; the
+        engine decodes up to max_batch_size of them together and refills slots as answers end.
+        """
+        requests = [self.make_request(p, params, adapter) for p in prompts]
+        futures = [concurrent.futures.Future() for _ in requests]
+        for request, future in zip(requests, futures, strict=True):
+            request.on_delta = _resolve_on_finish(future)
+        for i in sorted(range(len(requests)), key=lambda i: requests[i].prompt_tokens):
+            self.submit(requests[i])
+        return [f.result() for f in futures]
+
+    async def stream(self, request: Request) -> AsyncIterator[Delta]:
+        """Submit `request` and yield its pieces as they come; the last carries the Completion.
+
+        Leaving the loop early (client gone) cancels the request inside the engine.
+        """
+        loop = asyncio.get_running_loop()
+        deltas: asyncio.Queue[Delta] = asyncio.Queue()
+
+        def on_delta(delta: Delta) -> None:
+            try:
+                loop.call_soon_threadsafe(deltas.put_nowait, delta)
+            except RuntimeError:  # the caller's event loop has closed: nobody is listening
+                request.cancel()
+
+        request.on_delta = on_delta
+        self.submit(request)
+        try:
+            while True:
+                delta = await deltas.get()
+                if delta.error is not None:
+                    raise delta.error if isinstance(delta.error, EngineError) else EngineFailure(delta.error)
+                yield delta
+                if delta.completion is not None:
+                    return
+        finally:
+            request.cancel()  # no-op once finished
+
+    async def complete(self, request: Request) -> Completion:
+        async for delta in self.stream(request):
+            if delta.completion is not None:
+                return delta.completion
+        raise EngineFailure(RuntimeError("the engine ended a request without a result"))
+
+    def close(self) -> None:
+        self._scheduler.close()
+
+
+def _resolve_on_finish(future: concurrent.futures.Future):
+    def on_delta(delta: Delta) -> None:
+        if delta.error is not None:
+            future.set_exception(delta.error)
+        elif delta.completion is not None:
+            future.set_result(delta.completion)
+
+    return on_delta
