@@ -79,6 +79,9 @@ def mistral_tokenizer_dir() -> Path:
     """An HF tokenizer folder built from mistral-common's Mistral-7B v0.1 sentencepiece model."""
     from transformers import AutoTokenizer
 
+    cached = cache_dir() / "mistral-v0.1-tokenizer"
+    if cached.is_dir():
+        return cached
     try:
         import mistral_common
     except ImportError:
@@ -96,7 +99,7 @@ def mistral_tokenizer_dir() -> Path:
         AutoTokenizer.from_pretrained(src).save_pretrained(tmp)
         shutil.rmtree(src, ignore_errors=True)
 
-    return _atomic_save(cache_dir() / "mistral-v0.1-tokenizer", save)
+    return _atomic_save(cached, save)
 
 
 def smollm2_dir() -> Path:
@@ -170,9 +173,14 @@ def _random_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device):
     config = MistralConfig(**RANDOM_SHAPES[cfg.name], bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
     config._attn_implementation = cfg.attn_implementation
     torch.manual_seed(cfg.seed)  # same seed, same weights: serve and batch rebuild the base a run trained on
-    with torch.device(device):
-        model = MistralForCausalLM(config)
-    return model.to(dtype)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build in the target dtype: a 7B shape never exists in fp32
+    try:
+        with torch.device(device):
+            model = MistralForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    return model
 
 
 def load_base_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str = "cpu"):

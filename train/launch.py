@@ -58,7 +58,18 @@ def check_data(cfg: TrainJobConfig) -> None:
         raise DataSourceError(f"data.source {cfg.data.source!r} has too few usable rows: {report.summary()}")
 
 
+def with_absolute_paths(cfg: TrainJobConfig) -> TrainJobConfig:
+    """Workers run in their own folders: hand them absolute paths for local data and model folders."""
+    cfg = cfg.model_copy(deep=True)
+    if Path(cfg.data.source).expanduser().exists():
+        cfg.data.source = absolute(cfg.data.source)
+    if cfg.model.source == "local":
+        cfg.model.name = absolute(cfg.model.name)
+    return cfg
+
+
 def build_trainer(cfg: TrainJobConfig) -> TorchTrainer:
+    cfg = with_absolute_paths(cfg)
     scaling = cfg.scaling
     return TorchTrainer(
         train_loop_per_worker,

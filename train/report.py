@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -27,8 +28,11 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def plot_losses(history: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:  # e.g. a GPU image without it: the metrics file still holds every number
+        logging.getLogger("train").warning("matplotlib is not installed: no %s", path.name)
+        return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
