@@ -2,7 +2,7 @@
 
 Every field carries a one-line description; unknown keys are errors (`extra="forbid"`).
 Jobs compose these parts into their own top-level model (TrainJobConfig here; serve and batch
-build theirs from ModelConfig and GenerationDefaults).
+build theirs from ModelConfig and the engine config).
 """
 
 from __future__ import annotations
@@ -50,7 +50,9 @@ class DataConfig(StrictModel):
     )
     eval_size: int = Field(200, ge=1, description="Rows held out for evaluation (deterministic by split_seed).")
     split_seed: int = Field(42, description="Seed of the train/eval split.")
-    max_length: int = Field(512, ge=16, description="Rows whose tokenised prompt+response is longer are dropped and counted.")
+    max_length: int = Field(
+        512, ge=16, description="Rows whose tokenised prompt+response is longer are dropped and counted."
+    )
     loss_on: Literal["response", "all"] = Field(
         "response", description="Compute the loss on the response tokens only, or on the whole sequence."
     )
@@ -77,7 +79,9 @@ class TrainingConfig(StrictModel):
     batch_size: int = Field(4, ge=1, description="Rows per worker per micro-batch.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimiser step.")
     eval_every: int = Field(100, ge=1, description="Evaluate and checkpoint every N steps (and at the end).")
-    eval_batches: int | None = Field(None, ge=1, description="Cap on eval micro-batches per worker (None: the whole eval split).")
+    eval_batches: int | None = Field(
+        None, ge=1, description="Cap on eval micro-batches per worker (None: the whole eval split)."
+    )
     log_every: int = Field(10, ge=1, description="Print a progress line every N steps.")
     precision: Literal["auto", "fp16", "bf16", "fp32"] = Field(
         "auto", description="auto: fp16 mixed precision on CUDA, fp32 on CPU."
@@ -98,7 +102,9 @@ class ScalingSettings(StrictModel):
 
 class RunSettings(StrictModel):
     name: str = Field("run", pattern=r"^[A-Za-z0-9._-]+$", description="Run name; re-running the same name resumes.")
-    storage_path: str = Field("outputs/ray", description="Ray Train storage (local folder, s3:// or gs://) for checkpoints.")
+    storage_path: str = Field(
+        "outputs/ray", description="Ray Train storage (local folder, s3:// or gs://) for checkpoints."
+    )
     output_dir: str = Field("outputs", description="Folder for the final adapter, metrics and plot (output_dir/name).")
     num_to_keep: int | None = Field(2, ge=1, description="Checkpoints kept (None: all).")
     max_failures: int = Field(2, ge=-1, description="Worker-group restarts from the last checkpoint (-1: unlimited).")
@@ -123,7 +129,9 @@ class TrainJobConfig(StrictModel):
         if self.model.load_in_4bit and not self.scaling.use_gpu:
             raise ValueError("model.load_in_4bit needs scaling.use_gpu=true (bitsandbytes 4-bit runs on CUDA)")
         if self.training.precision in ("fp16", "bf16") and not self.scaling.use_gpu:
-            raise ValueError(f"training.precision={self.training.precision} needs scaling.use_gpu=true; use auto or fp32 on CPU")
+            raise ValueError(
+                f"training.precision={self.training.precision} needs scaling.use_gpu=true; use auto or fp32 on CPU"
+            )
         if self.optim.warmup_steps >= self.training.max_steps:
             raise ValueError("optim.warmup_steps must be smaller than training.max_steps")
         return self

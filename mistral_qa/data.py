@@ -14,7 +14,9 @@ from pathlib import Path
 from .prompt import build_prompt
 
 IGNORE_INDEX = -100
-BUILTIN = {"builtin:mobile_health": Path(__file__).parent / "assets" / "mobile_health.jsonl"}
+ASSETS = Path(__file__).parent / "assets"
+BUILTIN = {"builtin:mobile_health": ASSETS / "mobile_health.jsonl"}
+QUESTIONS = ASSETS / "questions.jsonl"  # the project's demo question set: {"id", "question"} per line
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
 
 
@@ -70,9 +72,7 @@ def _read_hub(dataset_id: str) -> list:
     try:
         from huggingface_hub import snapshot_download
 
-        folder = snapshot_download(
-            dataset_id, repo_type="dataset", allow_patterns=["*.parquet", "*.json", "*.jsonl"]
-        )
+        folder = snapshot_download(dataset_id, repo_type="dataset", allow_patterns=["*.parquet", "*.json", "*.jsonl"])
     except Exception as err:  # network, auth, missing repo: all mean "cannot get it"
         raise DataSourceError(
             f"cannot fetch dataset {dataset_id!r} from the Hugging Face hub ({type(err).__name__}: {err}). "

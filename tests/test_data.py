@@ -37,8 +37,12 @@ def test_prompt_with_and_without_input():
 
 def test_chat_prompt_uses_last_user_turn_and_context():
     prompt = build_chat_prompt(
-        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-         {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Phones and sleep?"}]
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello"},
+            {"role": "user", "content": "Phones and sleep?"},
+        ]
     )
     assert "### Instruction:\nPhones and sleep?" in prompt and "Be brief.\nUser: Hi\nAssistant: Hello" in prompt
     with pytest.raises(ValueError):
@@ -54,12 +58,25 @@ def test_builtin_dataset_is_clean_and_large_enough():
 
 def test_bad_rows_are_counted_by_reason(tmp_path):
     good = {"instruction": "Q", "input": "", "output": "A"}
-    rows = [good, {"instruction": "Q"}, {"instruction": "Q", "output": "  "}, {"instruction": 3, "output": "A"}, None,
-            {"output": "A"}, {"instruction": "", "output": "A"}]
+    rows = [
+        good,
+        {"instruction": "Q"},
+        {"instruction": "Q", "output": "  "},
+        {"instruction": 3, "output": "A"},
+        None,
+        {"output": "A"},
+        {"instruction": "", "output": "A"},
+    ]
     kept, report = clean_rows(rows)
     assert len(kept) == 1
-    assert dict(report.dropped) == {"missing_output": 1, "empty_output": 1, "non_text_instruction": 1, "unreadable": 1,
-                                    "missing_instruction": 1, "empty_instruction": 1}
+    assert dict(report.dropped) == {
+        "missing_output": 1,
+        "empty_output": 1,
+        "non_text_instruction": 1,
+        "unreadable": 1,
+        "missing_instruction": 1,
+        "empty_instruction": 1,
+    }
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps(good) + "\n{not json\n" + json.dumps(good) + "\n")
     kept, report = clean_rows(read_rows(str(path)))
@@ -97,13 +114,18 @@ def test_response_only_loss_masks_the_prompt(tokenizer):
 
 
 def test_over_long_rows_are_dropped_and_counted(tokenizer):
-    rows = [{"instruction": "short", "input": "", "output": "ok"}, {"instruction": "long " * 300, "input": "", "output": "x"}]
+    rows = [
+        {"instruction": "short", "input": "", "output": "ok"},
+        {"instruction": "long " * 300, "input": "", "output": "x"},
+    ]
     items, report = tokenize_rows(tokenizer, rows, 64, "response")
     assert len(items) == 1 and report.dropped["over_max_length"] == 1
 
 
 def test_collate_pads_right_and_masks_pads():
-    batch = collate([{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}, {"input_ids": [1, 5], "labels": [1, 5]}], pad_id=0)
+    batch = collate(
+        [{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}, {"input_ids": [1, 5], "labels": [1, 5]}], pad_id=0
+    )
     assert batch["input_ids"].tolist() == [[1, 2, 3], [1, 5, 0]]
     assert batch["labels"].tolist() == [[-100, 2, 3], [1, 5, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]

@@ -47,8 +47,15 @@ def test_adapter_loads_onto_the_base_with_peft(tiny_run):
 
 def test_loss_goes_down_on_a_small_repeated_dataset(ray_session, tmp_path):
     cfg = tiny_config(
-        tmp_path, "scaling.num_workers=1", "data.max_rows=24", "data.eval_size=8", "training.max_steps=30",
-        "training.eval_every=10", "optim.lr=0.01", "lora.dropout=0.0", "run.name=learns",
+        tmp_path,
+        "scaling.num_workers=1",
+        "data.max_rows=24",
+        "data.eval_size=8",
+        "training.max_steps=30",
+        "training.eval_every=10",
+        "optim.lr=0.01",
+        "lora.dropout=0.0",
+        "run.name=learns",
     )
     records = losses(run_training(cfg))
     train = [t for _, t, _ in records]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from mistral_qa.config import TrainJobConfig
 from mistral_qa.configio import ConfigError, dump_config, load_config
@@ -21,9 +22,14 @@ from mistral_qa.model import ModelLoadError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", required=True, help="YAML file under train/configs/")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument(
+        "--ask", type=int, default=0, metavar="N", help="after training, answer N questions of the demo set"
+    )
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     return parser.parse_args(argv)
 
@@ -49,7 +55,27 @@ def main(argv: list[str] | None = None) -> int:
     print(f"adapter:    {out / 'adapter'}")
     print(f"metrics:    {out / 'metrics.jsonl'}")
     print(f"loss curve: {out / 'loss_curve.png'}")
+    if args.ask:
+        ask(out / "adapter", args.ask)
     return 0
+
+
+def ask(adapter: Path, n: int) -> None:
+    """Answer the first n questions of the project's question set with the fine-tuned adapter (greedy)."""
+    import json
+
+    from mistral_qa.data import QUESTIONS
+    from mistral_qa.engine import Engine, EngineConfig, SamplingParams
+    from mistral_qa.prompt import build_prompt
+
+    questions = [json.loads(line)["question"] for line in QUESTIONS.read_text().splitlines()[:n]]
+    engine = Engine(EngineConfig(adapters={"tuned": str(adapter)}, device="cpu"))
+    try:
+        answers = engine.generate([build_prompt(q) for q in questions], SamplingParams(max_tokens=160), adapter="tuned")
+    finally:
+        engine.close()
+    for question, answer in zip(questions, answers):
+        print(f"\nQ: {question}\nA: {answer.text.strip()}")
 
 
 if __name__ == "__main__":

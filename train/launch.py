@@ -1,10 +1,10 @@
 """Build the Ray Train TorchTrainer from a TrainJobConfig, run it, and write the run's outputs.
 
-    outputs/<run>/adapter/          adapter_model.safetensors, adapter_config.json, tokenizer,
-                                    training_config.yaml (base model + prompt template for serving)
-    outputs/<run>/config.yaml       the resolved config
-    outputs/<run>/metrics.jsonl     one line per step (train loss, lr, tok/s, memory; eval loss at evals)
-    outputs/<run>/loss_curve.png
+outputs/<run>/adapter/          adapter_model.safetensors, adapter_config.json, tokenizer,
+                                training_config.yaml (base model + prompt template for serving)
+outputs/<run>/config.yaml       the resolved config
+outputs/<run>/metrics.jsonl     one line per step (train loss, lr, tok/s, memory; eval loss at evals)
+outputs/<run>/loss_curve.png
 """
 
 from __future__ import annotations

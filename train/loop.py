@@ -116,7 +116,14 @@ class Worker:
         loss_sum, tokens, nonpad = 0.0, 0, 0
         for micro in range(cfg.grad_accum):
             idx = micro_batch_indices(
-                len(self.train_items), cfg.seed, self.step + 1, micro, cfg.grad_accum, cfg.batch_size, self.world, self.rank
+                len(self.train_items),
+                cfg.seed,
+                self.step + 1,
+                micro,
+                cfg.grad_accum,
+                cfg.batch_size,
+                self.world,
+                self.rank,
             )
             batch = self._batch(idx, self.train_items)
             loss = self._loss(batch) / cfg.grad_accum
@@ -135,8 +142,11 @@ class Worker:
         loss_sum, tokens, nonpad = _all_reduce([loss_sum, tokens, nonpad], self.device)
         elapsed = time.monotonic() - t
         return {
-            "step": self.step, "train_loss": loss_sum / self.world, "lr": lr,
-            "tokens_per_s": tokens / elapsed, "nonpad_tokens_per_s": nonpad / elapsed,
+            "step": self.step,
+            "train_loss": loss_sum / self.world,
+            "lr": lr,
+            "tokens_per_s": tokens / elapsed,
+            "nonpad_tokens_per_s": nonpad / elapsed,
             "peak_memory_gib": peak_memory_gib(self.device),
         }
 
@@ -164,8 +174,14 @@ class Worker:
             checkpoint = None
             if self.rank == 0:
                 save_state(
-                    Path(folder), self.model, self.optimizer, self.scheduler, self.scaler,
-                    self.step, self.cfg.training.seed, self.history,
+                    Path(folder),
+                    self.model,
+                    self.optimizer,
+                    self.scheduler,
+                    self.scaler,
+                    self.step,
+                    self.cfg.training.seed,
+                    self.history,
                 )
                 checkpoint = ray.train.Checkpoint.from_directory(folder)
             ray.train.report(record, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{self.step:06d}")

@@ -1,0 +1,257 @@
+"""The Ray Data pipeline: read questions -> build prompts -> generate on an actor pool -> write Parquet.
+
+Everything streams: read tasks emit blocks of ROWS_PER_BLOCK rows, the actor pool answers
+`compute.batch_size` rows a call, and the write operator turns about `output.rows_per_file` rows
+into one atomically written Parquet file. No step holds the whole input.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import ray
+from ray.data import ActorPoolStrategy, DataContext
+
+from mistral_qa.prompt import build_prompt
+
+from .config import BatchJobConfig
+from .io import InputFiles, QuestionDatasource, check_question_column, list_inputs
+from .output import OUTPUT_SCHEMA, AnswerDatasink, prepare_output
+
+log = logging.getLogger("batch")
+ADAPTER_NAME = "batch"
+
+
+class PreflightError(RuntimeError):
+    """The job cannot start (e.g. it asks for GPUs the cluster lacks); raised before any work."""
+
+
+def build_prompts(batch: pa.Table) -> pa.Table:
+    """Add the training template's prompt to every answerable row (None where the row has an error)."""
+    columns = [batch.column(name).to_pylist() for name in ("question", "context", "error")]
+    prompts = [None if err else build_prompt(q, ctx or "") for q, ctx, err in zip(*columns, strict=True)]
+    return batch.append_column("prompt", pa.array(prompts, pa.string()))
+
+
+def make_engine(cfg: BatchJobConfig):
+    """The shared generation engine, built from the job config (runs inside each actor)."""
+    from mistral_qa.engine import Engine, EngineConfig
+
+    return Engine(
+        EngineConfig(
+            model=cfg.model,
+            adapters={ADAPTER_NAME: cfg.adapter} if cfg.adapter else {},
+            merge_adapter=cfg.engine.merge_adapter,
+            device=cfg.engine.device,
+            dtype=cfg.engine.dtype,
+            max_batch_size=cfg.engine.max_batch_size,
+            max_context=cfg.engine.max_context,
+        )
+    )
+
+
+def sampling_params(cfg: BatchJobConfig):
+    from mistral_qa.engine import SamplingParams
+
+    gen = cfg.generation  # the engine adds the template's own stop strings to these
+    return SamplingParams(
+        max_tokens=gen.max_tokens, temperature=gen.temperature, top_p=gen.top_p, stop=list(gen.stop), seed=gen.seed
+    )
+
+
+def generate_with_retries(engine, prompts: list[str], params, adapter: str | None, retries: int) -> list:
+    """Completions for `prompts`, in order; a row that still fails on its own gets its exception instead.
+
+    A failing engine batch is retried `retries` times, then answered row by row, so one poisoned
+    row (or a batch too large for the memory left) never takes the others down with it.
+    """
+    if not prompts:
+        return []
+    for attempt in range(retries + 1):
+        try:
+            return engine.generate(prompts, params, adapter=adapter)
+        except Exception as err:  # any engine failure is retried, then isolated per row
+            log.warning("engine batch of %d failed (attempt %d/%d): %r", len(prompts), attempt + 1, retries + 1, err)
+            _free_accelerator_memory()
+    results: list = []
+    for prompt in prompts:
+        try:
+            results.extend(engine.generate([prompt], params, adapter=adapter))
+        except Exception as err:
+            results.append(err)
+    return results
+
+
+def _free_accelerator_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class Answerer:
+    """Ray Data actor: owns one engine, answers a batch of rows, returns OUTPUT_SCHEMA rows.
+
+    Rows already in the output (resume) are dropped here; the set of their ids is built once per actor.
+    """
+
+    def __init__(self, job: dict, done_ids, engine_factory: Callable | None = None):
+        cfg = BatchJobConfig.model_validate(job)
+        self.engine = (engine_factory or make_engine)(cfg)
+        self.params = sampling_params(cfg)
+        self.adapter = ADAPTER_NAME if cfg.adapter else None
+        self.retries = cfg.compute.batch_retries
+        done = ray.get(done_ids) if isinstance(done_ids, ray.ObjectRef) else done_ids
+        self.done = set(done.to_pylist())
+        gen = cfg.generation
+        self.constants = {
+            "model": self.engine.model_config.name,
+            "adapter": cfg.adapter,
+            "max_tokens": gen.max_tokens,
+            "temperature": gen.temperature,
+            "top_p": gen.top_p,
+            "seed": gen.seed,
+        }
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = [r for r in batch.to_pylist() if r["id"] not in self.done]
+        for row in rows:
+            row.update(answer="", finish_reason=None, prompt_tokens=None, completion_tokens=0)
+            if row["error"] is None:
+                self._check_length(row)
+        todo = [r for r in rows if r["error"] is None]
+        results = generate_with_retries(
+            self.engine, [r["prompt"] for r in todo], self.params, self.adapter, self.retries
+        )
+        for row, result in zip(todo, results, strict=True):
+            if isinstance(result, Exception):
+                row["error"] = f"generation_failed: {type(result).__name__}: {result}"
+            else:
+                row.update(
+                    answer=result.text, finish_reason=result.finish_reason, completion_tokens=result.completion_tokens
+                )
+        return pa.Table.from_pylist([{**row, **self.constants} for row in rows], schema=OUTPUT_SCHEMA)
+
+    def _check_length(self, row: dict) -> None:
+        # The engine refuses a prompt that leaves no room for one answer token; an answer that reaches
+        # the context limit ends early with finish_reason "length".
+        row["prompt_tokens"] = n = self.engine.count_tokens(row["prompt"])
+        if n >= self.engine.max_context:
+            row["error"] = f"too_long: the prompt is {n} tokens; the context is {self.engine.max_context}"
+
+
+@dataclass
+class Summary:
+    """What the job did, for the final report."""
+
+    output: str
+    rows: int = 0  # answered in this run
+    skipped: int = 0
+    files: int = 0
+    completion_tokens: int = 0
+    wall_s: float = 0.0
+    errors: Counter = field(default_factory=Counter)
+
+    def lines(self) -> list[str]:
+        kinds = ", ".join(f"{k}: {v}" for k, v in sorted(self.errors.items()))
+        return [
+            f"rows answered:   {self.rows} (skipped {self.skipped} already in the output)",
+            f"errors:          {sum(self.errors.values())}" + (f" ({kinds})" if kinds else ""),
+            f"output tokens:   {self.completion_tokens} ({self.completion_tokens / max(self.wall_s, 1e-9):.1f} tokens/s)",
+            f"wall time:       {self.wall_s:.1f} s",
+            f"output:          {self.output} ({self.files} new files)",
+        ]
+
+
+def check_resources(cfg: BatchJobConfig) -> None:
+    need = cfg.compute.num_gpus_per_actor
+    have = ray.cluster_resources().get("GPU", 0)
+    if need > have:
+        raise PreflightError(
+            f"compute.num_gpus_per_actor={need:g} but the Ray cluster has {have:g} GPUs; use a GPU cluster "
+            "or a CPU config (batch/configs/quickstart.yaml)"
+        )
+
+
+def actor_pool(cfg: BatchJobConfig) -> ActorPoolStrategy:
+    c = cfg.compute
+    if c.max_actors is None:
+        return ActorPoolStrategy(size=c.num_actors)
+    return ActorPoolStrategy(min_size=c.num_actors, max_size=c.max_actors)
+
+
+def build_dataset(cfg: BatchJobConfig, files: InputFiles, done_ids: pa.Array, engine_factory: Callable | None = None):
+    """The lazy Dataset of answer rows (nothing runs until it is written)."""
+    ds = ray.data.read_datasource(QuestionDatasource(files, cfg.input))
+    ds = ds.map_batches(build_prompts, batch_format="pyarrow", batch_size=None)
+    return ds.map_batches(
+        Answerer,
+        batch_size=cfg.compute.batch_size,
+        batch_format="pyarrow",
+        compute=actor_pool(cfg),
+        num_gpus=cfg.compute.num_gpus_per_actor,
+        num_cpus=cfg.compute.num_cpus_per_actor,
+        fn_constructor_kwargs={
+            "job": cfg.model_dump(mode="json"),
+            "done_ids": ray.put(done_ids),
+            "engine_factory": engine_factory,
+        },
+    )
+
+
+def absolute(path: str) -> str:
+    """Local paths made absolute (actors may run in another folder); URIs such as s3:// pass through."""
+    return path if "://" in path else str(Path(path).expanduser().resolve())
+
+
+def with_absolute_paths(cfg: BatchJobConfig) -> BatchJobConfig:
+    cfg = cfg.model_copy(deep=True)
+    cfg.input.path, cfg.output.path = absolute(cfg.input.path), absolute(cfg.output.path)
+    if cfg.adapter:
+        cfg.adapter = absolute(cfg.adapter)
+    if cfg.model is not None and cfg.model.source == "local":
+        cfg.model.name = absolute(cfg.model.name)
+    return cfg
+
+
+def check_model(cfg: BatchJobConfig) -> None:
+    """Fail on the driver, before Ray starts, when the adapter or the base model's tokenizer cannot be found."""
+    from mistral_qa.adapters import is_remote, read_training_config, resolve_adapter
+    from mistral_qa.config import ModelConfig
+    from mistral_qa.model import load_tokenizer
+
+    model = cfg.model
+    if cfg.adapter and not is_remote(cfg.adapter):  # remote adapters are fetched by the actors
+        training = read_training_config(resolve_adapter(cfg.adapter)) or {}
+        if model is None and "model" in training:
+            model = ModelConfig.model_validate(training["model"])
+    if model is not None:
+        load_tokenizer(model)
+
+
+def run_batch(cfg: BatchJobConfig, engine_factory: Callable | None = None) -> Summary:
+    """Answer every question of cfg.input not yet in cfg.output; returns the summary."""
+    start = time.perf_counter()
+    if not cfg.input.path or not cfg.output.path:
+        raise PreflightError("set input.path and output.path (or --input / --output)")
+    cfg = with_absolute_paths(cfg)
+    files = list_inputs(cfg.input.path, cfg.input.format)  # input, output and model problems fail before Ray starts
+    check_question_column(files, cfg.input)
+    if engine_factory is None:
+        check_model(cfg)
+    done = prepare_output(cfg.output.path, cfg.output.mode)
+    log.info("input: %d files; output: %d rows already there", len(files.paths), len(done))
+    if not ray.is_initialized():
+        ray.init()
+    check_resources(cfg)
+    DataContext.get_current().max_errored_blocks = cfg.compute.max_errored_blocks
+    sink = AnswerDatasink(cfg.output.path, cfg.output.rows_per_file)
+    build_dataset(cfg, files, done, engine_factory).write_datasink(sink)
+    wall_s = time.perf_counter() - start
+    return Summary(output=cfg.output.path, skipped=len(done), wall_s=wall_s, **sink.stats)
