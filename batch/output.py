@@ -24,7 +24,7 @@ from ray.data.datasource import Datasink, WriteResult
 
 from .io import resolve_filesystem
 
-# The documented output schema (batch/README.md); explicit types so an all-null column in the first
+# The documented output schema (README.md, "Batch Q&A"); explicit types so an all-null column in the first
 # files (e.g. error) never changes the schema (ray PR #60572).
 OUTPUT_SCHEMA = pa.schema(
     [

@@ -4,7 +4,7 @@
     python -m cluster.local_cluster status
     python -m cluster.local_cluster stop
 
-Then, from the repository root (cluster/README.md has the batch and Serve commands too):
+Then, from the repository root (README.md ("Run on a Ray cluster") has the batch and Serve commands too):
 
     export RAY_AUTH_MODE=token      # the nodes use Ray's token auth; clients send ~/.ray/auth_token
     ray job submit --address http://127.0.0.1:8266 --working-dir . --runtime-env cluster/runtime_env.yaml \\

@@ -141,7 +141,18 @@ def smollm2_dir() -> Path:
 
         log.info("converting %s to safetensors (once)", SMOLLM2_GGUF)
         tok = AutoTokenizer.from_pretrained(package_dir, gguf_file=SMOLLM2_GGUF)
-        model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        dequantised = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        # transformers refuses to save a model loaded from GGUF; copy its (dequantised) weights into a
+        # plain model of the same config, which saves as ordinary safetensors.
+        config = dequantised.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        result = model.load_state_dict(dequantised.state_dict(), strict=False)
+        if result.unexpected_keys or [k for k in result.missing_keys if "lm_head" not in k]:
+            raise ModelLoadError(f"GGUF conversion mismatch: {result}")
+        model.tie_weights()
+        model.generation_config = dequantised.generation_config
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
 

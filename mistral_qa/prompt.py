@@ -19,8 +19,9 @@ _NO_INPUT = (
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
 
-# Generation stops here too: a model that starts a new "### Instruction:" block has finished its answer.
-STOP_STRINGS = ("\n### Instruction:", "\n### Input:", "\n### Response:")
+# Generation stops here too: a model that starts a new "### ..." section (Instruction, Input, or one
+# it made up such as "### Explanation:") has finished its answer.
+STOP_STRINGS = ("\n###",)
 
 
 def build_prompt(instruction: str, input: str = "") -> str:

@@ -30,7 +30,9 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=4, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+        ray.init(
+            address="local", num_cpus=4, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}}
+        )
         # Ray's own helper processes (and any subprocess) must join this instance, not another
         # cluster that a test started on the same machine.
         os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address

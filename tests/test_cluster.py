@@ -72,7 +72,7 @@ def run(args: list[str], state: ClusterState, timeout: float, **kwargs) -> subpr
 
 
 def submit(state: ClusterState, entrypoint: list[str], timeout: float) -> subprocess.CompletedProcess:
-    """`ray job submit` of an entrypoint, as cluster/README.md shows it; returns the finished CLI."""
+    """`ray job submit` of an entrypoint, as README.md ("Run on a Ray cluster") shows it; returns the finished CLI."""
     job_id = f"test-{entrypoint[2]}-{uuid.uuid4().hex[:8]}"
     args = [str(BIN / "ray"), "job", "submit", "--address", state.dashboard_url, "--submission-id", job_id]
     args += ["--working-dir", ".", "--runtime-env", "cluster/runtime_env.yaml", "--", *entrypoint]
@@ -172,7 +172,7 @@ def test_batch_job_writes_complete_parquet(local_cluster, tiny_cluster_adapter, 
 
 
 def local_serve_config(port: int, adapter: Path) -> str:
-    """serve/config.yaml edited as cluster/README.md's `sed` does: one proxy (the nodes share an
+    """serve/config.yaml edited as README.md ("Run on a Ray cluster")'s `sed` does: one proxy (the nodes share an
     address), another port, the adapter trained on the cluster. Each edit must hit exactly once."""
     text = (ROOT / "serve" / "config.yaml").read_text()
     edits = [
@@ -182,7 +182,7 @@ def local_serve_config(port: int, adapter: Path) -> str:
     ]
     for pattern, replacement in edits:
         text, count = re.subn(pattern, replacement, text)
-        assert count == 1, f"serve/config.yaml changed: update cluster/README.md's sed ({pattern!r})"
+        assert count == 1, f"serve/config.yaml changed: update the sed of README.md, Run on a Ray cluster ({pattern!r})"
     return text
 
 

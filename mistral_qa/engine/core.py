@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import copy
 from collections.abc import AsyncIterator
 
 from ..prompt import STOP_STRINGS
@@ -48,6 +49,9 @@ class Engine:
             self.tokenizer.pad_token_id,
         )
         self._scheduler = Scheduler(runner)
+        # The engine thread detokenises while callers tokenise; fast tokenizers are not safe to share
+        # across threads ("Already borrowed"), so the engine thread gets its own copy.
+        self._decoder = copy.deepcopy(self.tokenizer)
 
     @property
     def model_names(self) -> list[str]:
@@ -80,7 +84,7 @@ class Engine:
         ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
         if len(ids) >= self.max_context:
             raise PromptTooLong(len(ids), self.max_context)
-        text = TextStream(self.tokenizer, [*STOP_STRINGS, *params.stop])
+        text = TextStream(self._decoder, [*STOP_STRINGS, *params.stop])
         return Request(ids, params, key, text, self._loaded.device)
 
     def submit(self, request: Request) -> None:

@@ -1,5 +1,6 @@
-"""Generated token ids -> text that is safe to stream: whole characters only, and nothing that
-could still turn out to be the start of a stop string."""
+"""Generated token ids -> text that is safe to stream: whole characters only, nothing that could
+still turn out to be the start of a stop string, and no trailing whitespace (answers end trimmed,
+and what was streamed must stay a prefix of the final text)."""
 
 from __future__ import annotations
 
@@ -21,13 +22,14 @@ class TextStream:
         text = self._tokenizer.decode(token_ids, skip_special_tokens=True).lstrip()
         cut = self._find_stop(text)
         if cut is not None:
-            self.text = text[:cut]
+            self.text = text[:cut].rstrip()
             return self._emit(len(self.text)), True
         self.text = text
         return self._emit(self._safe_length(text)), False
 
     def flush(self) -> str:
         """The held-back rest, once the answer has ended for another reason (EOS, length)."""
+        self.text = self.text.rstrip()
         return self._emit(len(self.text))
 
     def _emit(self, upto: int) -> str:
@@ -47,5 +49,6 @@ class TextStream:
         for size in range(min(self._longest - 1, end), 0, -1):
             tail = text[end - size : end]
             if any(s.startswith(tail) for s in self._stop):
-                return end - size
-        return end
+                end -= size
+                break
+        return len(text[:end].rstrip())

@@ -1,0 +1,1 @@
+"""OpenAI-compatible online Q&A on Ray Serve (README.md, "Serving")."""

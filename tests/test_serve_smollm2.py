@@ -1,0 +1,82 @@
+"""End to end as a user does it: a quickstart adapter on SmolLM2-135M-Instruct, served by
+`python -m serve` (its own local Ray), asked by the `openai` client; the answer must be on topic."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from openai import OpenAI
+
+ROOT = Path(__file__).resolve().parents[1]
+PORT = 8123
+SLEEP_WORDS = ("sleep", "screen", "phone", "bed")
+
+
+@pytest.fixture(scope="module")
+def quickstart_adapter(ray_session, tmp_path_factory) -> Path:
+    """outputs/quickstart/adapter when `make quickstart` has made it, else a short quickstart-like run."""
+    made = ROOT / "outputs" / "quickstart" / "adapter"
+    if (made / "adapter_config.json").is_file():
+        return made
+    from mistral_qa.config import TrainJobConfig
+    from mistral_qa.configio import load_config
+    from train.launch import run_training
+
+    tmp = tmp_path_factory.mktemp("quickstart")
+    overrides = [
+        f"run.output_dir={tmp / 'outputs'}",
+        f"run.storage_path={tmp / 'ray'}",
+        "run.name=quickstart-short",
+        "training.max_steps=10",
+        "training.eval_every=10",
+        "optim.warmup_steps=2",
+        "scaling.cpus_per_worker=1",
+    ]
+    cfg = load_config(TrainJobConfig, ROOT / "train" / "configs" / "quickstart.yaml", overrides)
+    return run_training(cfg) / "adapter"
+
+
+@pytest.fixture(scope="module")
+def served(quickstart_adapter):
+    env = {**os.environ, "RAY_ADDRESS": "local", "MISTRAL_QA_API_KEY": "test-key"}
+    command = [sys.executable, "-m", "serve", "--adapter", str(quickstart_adapter), "--port", str(PORT)]
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def drain() -> None:  # keep reading, or a full pipe would block the server's logging
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("serving "):
+                ready.set()
+
+    threading.Thread(target=drain, daemon=True).start()
+    try:
+        assert ready.wait(timeout=600), "".join(lines[-40:])
+        yield f"http://127.0.0.1:{PORT}"
+    finally:
+        proc.send_signal(2)  # SIGINT, as Ctrl-C: the CLI shuts Serve down
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.mark.slow
+def test_sleep_question_gets_an_on_topic_answer(served):
+    client = OpenAI(base_url=f"{served}/v1", api_key="test-key", max_retries=0)
+    assert {m.id for m in client.models.list()} == {"base", "mobile-health"}
+    reply = client.chat.completions.create(
+        model="mobile-health",
+        messages=[{"role": "user", "content": "How does using my phone in bed affect my sleep?"}],
+        max_tokens=96,
+        temperature=0,
+    )
+    answer = reply.choices[0].message.content
+    assert any(word in answer.lower() for word in SLEEP_WORDS), answer
+    assert "### Instruction" not in answer
