@@ -88,7 +88,7 @@ class TrainingConfig(StrictModel):
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     seed: int = Field(1234, description="Seed for LoRA init, dropout and data order.")
-    deepspeed: DeepSpeedConfig | None = Field(None, description="Use DeepSpeed ZeRO (CUDA only) instead of DDP.")
+    deepspeed: DeepSpeedConfig | None = Field(None, description="Use DeepSpeed ZeRO instead of DDP (CPU: fp32 only).")
 
 
 class ScalingSettings(StrictModel):
@@ -124,8 +124,8 @@ class TrainJobConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check_combinations(self) -> TrainJobConfig:
-        if self.training.deepspeed is not None and not self.scaling.use_gpu:
-            raise ValueError("training.deepspeed needs scaling.use_gpu=true (DeepSpeed runs on CUDA only)")
+        # DeepSpeed also runs on CPU (its CPU accelerator, gloo); only its fp16/bf16 need CUDA, which the
+        # precision check below covers. ZeRO-Offload's CPU Adam is a C++ op DeepSpeed compiles at first use.
         if self.model.load_in_4bit and not self.scaling.use_gpu:
             raise ValueError("model.load_in_4bit needs scaling.use_gpu=true (bitsandbytes 4-bit runs on CUDA)")
         if self.training.precision in ("fp16", "bf16") and not self.scaling.use_gpu:

@@ -203,6 +203,10 @@ def _from_hub_or_dir(cls, cfg: ModelConfig, **kwargs):
 def _random_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device):
     from transformers import MistralConfig, MistralForCausalLM
 
+    if cfg.load_in_4bit:
+        raise ModelLoadError(
+            "model.load_in_4bit is not supported for random weights (source=random); use a hub or local model"
+        )
     if cfg.name not in RANDOM_SHAPES:
         raise ModelLoadError(f"model.name={cfg.name!r}: random shapes are {sorted(RANDOM_SHAPES)}")
     config = MistralConfig(**RANDOM_SHAPES[cfg.name], bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)

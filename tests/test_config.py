@@ -61,8 +61,10 @@ def test_bad_values_name_the_key(override, key):
 
 
 def test_bad_combinations_are_rejected():
-    with pytest.raises(ConfigError, match="deepspeed needs scaling.use_gpu"):
-        load_config(TrainJobConfig, None, ["training.deepspeed={stage: 2}"])
+    with pytest.raises(ConfigError, match="precision=fp16 needs scaling.use_gpu"):
+        load_config(TrainJobConfig, None, ["training.deepspeed={stage: 2}", "training.precision=fp16"])
+    with pytest.raises(ConfigError, match="load_in_4bit needs scaling.use_gpu"):
+        load_config(TrainJobConfig, None, ["model.load_in_4bit=true"])
     with pytest.raises(ConfigError, match="warmup_steps"):
         load_config(TrainJobConfig, None, ["training.max_steps=5", "optim.warmup_steps=5"])
     with pytest.raises(ConfigError, match="not of the form"):

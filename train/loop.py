@@ -23,6 +23,7 @@ from mistral_qa.config import TrainJobConfig
 from mistral_qa.data import collate
 from mistral_qa.model import add_lora, load_base_model, load_tokenizer
 
+from . import deepspeed_setup as ds
 from .batches import micro_batch_indices, step_seed
 from .checkpoint import load_state, save_state
 from .optim import build_optimizer, build_scheduler
@@ -70,11 +71,22 @@ class Worker:
         self.train_items, self.eval_items, report = prepare_data(cfg.data, self.tokenizer)
         if self.rank == 0:
             log.info("data: %s", report.summary())
+        self.deepspeed = cfg.training.deepspeed is not None
         self.model = self._build_model()
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(cfg.optim, params, self.device.type == "cuda")
+        on_cuda = self.device.type == "cuda"
+        if self.deepspeed:  # ZeRO-Offload needs DeepSpeed's CPU Adam instead of optim.name
+            self.optimizer = ds.make_optimizer(cfg, params, on_cuda)
+        else:
+            self.optimizer = build_optimizer(cfg.optim, params, on_cuda)
         self.scheduler = build_scheduler(cfg.optim, self.optimizer, cfg.training.max_steps)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        # Under DeepSpeed the engine does the loss scaling; the (disabled) scaler only keeps the
+        # checkpoint layout of the DDP path.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16" and not self.deepspeed)
+        if self.deepspeed:
+            self.model, self.optimizer, self.scheduler = ds.build_engine(
+                cfg, self.model, self.optimizer, self.scheduler, self.precision, self.world
+            )
         self.step, self.history, self.resumed = 0, [], False
 
     def _build_model(self):
@@ -87,7 +99,7 @@ class Worker:
         for p in model.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
-        if self.world > 1:
+        if self.world > 1 and not self.deepspeed:  # DeepSpeed's engine replaces DDP
             return ray.train.torch.prepare_model(model, move_to_device=False)
         return model
 
@@ -96,7 +108,12 @@ class Worker:
         if checkpoint is None:
             return
         with checkpoint.as_directory() as folder:
-            self.step, self.history = load_state(Path(folder), self.model, self.optimizer, self.scheduler, self.scaler)
+            if self.deepspeed:
+                self.step, self.history = ds.load(Path(folder), self.model, self.scaler)
+            else:
+                self.step, self.history = load_state(
+                    Path(folder), self.model, self.optimizer, self.scheduler, self.scaler
+                )
         self.resumed = True
         if self.rank == 0:
             log.info("resumed from checkpoint at step %d", self.step)
@@ -114,6 +131,7 @@ class Worker:
         self.model.train()
         torch.manual_seed(step_seed(cfg.seed, self.step + 1, self.rank))
         loss_sum, tokens, nonpad = 0.0, 0, 0
+        lr = self.scheduler.get_last_lr()[0]  # the lr this step uses (DeepSpeed steps the schedule inside)
         for micro in range(cfg.grad_accum):
             idx = micro_batch_indices(
                 len(self.train_items),
@@ -126,18 +144,10 @@ class Worker:
                 self.rank,
             )
             batch = self._batch(idx, self.train_items)
-            loss = self._loss(batch) / cfg.grad_accum
-            self.scaler.scale(loss).backward()
-            loss_sum += loss.item()
+            loss_sum += self._backward(self._loss(batch))
             tokens += batch["input_ids"].numel()
             nonpad += int(batch["attention_mask"].sum())
-        self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.max_grad_norm)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        lr = self.scheduler.get_last_lr()[0]
-        self.scheduler.step()
+        self._optimizer_step()
         self.step += 1
         loss_sum, tokens, nonpad = _all_reduce([loss_sum, tokens, nonpad], self.device)
         elapsed = time.monotonic() - t
@@ -150,6 +160,26 @@ class Worker:
             "peak_memory_gib": peak_memory_gib(self.device),
         }
 
+    def _backward(self, loss: torch.Tensor) -> float:
+        """Backward of one micro-batch's mean loss; returns its share of the step's loss."""
+        if self.deepspeed:
+            # The engine divides by grad_accum itself and steps at the accumulation boundary.
+            ds.train_micro(self.model, loss)
+            return (loss / self.cfg.training.grad_accum).item()
+        loss = loss / self.cfg.training.grad_accum
+        self.scaler.scale(loss).backward()
+        return loss.item()
+
+    def _optimizer_step(self) -> None:
+        if self.deepspeed:
+            return  # done by the engine in the last micro-batch's train_micro
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+
     @torch.no_grad()
     def evaluate(self) -> float:
         """Token-weighted loss over this worker's shard of the eval split, summed over all workers."""
@@ -159,20 +189,28 @@ class Worker:
         chunks = [shard[i : i + cfg.batch_size] for i in range(0, len(shard), cfg.batch_size)]
         if cfg.eval_batches:
             chunks = chunks[: cfg.eval_batches]
+        forwards = [(c, True) for c in chunks]
+        if self.deepspeed:
+            forwards = ds.eval_chunks(chunks, len(self.eval_items), self.world, cfg.batch_size, cfg.eval_batches)
         loss_sum, count = 0.0, 0
-        for idx in chunks:
+        for idx, counted in forwards:
             batch = self._batch(idx, self.eval_items)
-            n = int((batch["labels"][:, 1:] != -100).sum())
+            n = int((batch["labels"][:, 1:] != -100).sum()) * counted
             loss_sum += self._loss(batch).item() * n
             count += n
         loss_sum, count = _all_reduce([loss_sum, count], self.device)
         return loss_sum / max(count, 1)
 
     def checkpoint_and_report(self, record: dict) -> None:
-        """Every worker reports (Ray's report is a barrier); rank 0 attaches the checkpoint."""
+        """Every worker reports (Ray's report is a barrier); rank 0 attaches the checkpoint, or under
+        DeepSpeed every rank attaches its own files of the same checkpoint folder."""
         with tempfile.TemporaryDirectory() as folder:
             checkpoint = None
-            if self.rank == 0:
+            if self.deepspeed:
+                seed = self.cfg.training.seed
+                ds.save(Path(folder), self.model, self.scheduler, self.scaler, self.step, seed, self.history, self.rank)
+                checkpoint = ray.train.Checkpoint.from_directory(folder)
+            elif self.rank == 0:
                 save_state(
                     Path(folder),
                     self.model,
