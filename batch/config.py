@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from mistral_qa.config import ModelConfig, StrictModel
+from mistral_qa.config import EngineSettings, ModelConfig, StrictModel
 
 
 class InputSettings(StrictModel):
@@ -54,20 +54,6 @@ class GenerationSettings(StrictModel):
     seed: int | None = Field(None, description="Sampling seed (temperature > 0); None: not seeded.")
     stop: list[str] = Field(
         [], max_length=4, description="Extra stop strings (at most 4), on top of the prompt template's own."
-    )
-
-
-class EngineSettings(StrictModel):
-    device: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="auto: the actor's GPU when it has one, else CPU."
-    )
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
-        "auto", description="Weights and activations; auto: float16 on CUDA, float32 on CPU."
-    )
-    max_batch_size: int = Field(32, ge=1, description="Most prompts in one forward pass (the engine groups by length).")
-    max_context: int | None = Field(None, ge=16, description="Context limit in tokens; None: the model's own.")
-    merge_adapter: bool = Field(
-        False, description="Merge the adapter into the base weights once (faster, one adapter)."
     )
 
 

@@ -47,11 +47,7 @@ def make_engine(cfg: BatchJobConfig):
         EngineConfig(
             model=cfg.model,
             adapters={ADAPTER_NAME: cfg.adapter} if cfg.adapter else {},
-            merge_adapter=cfg.engine.merge_adapter,
-            device=cfg.engine.device,
-            dtype=cfg.engine.dtype,
-            max_batch_size=cfg.engine.max_batch_size,
-            max_context=cfg.engine.max_context,
+            **cfg.engine.model_dump(),
         )
     )
 

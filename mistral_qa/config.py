@@ -113,6 +113,22 @@ class RunSettings(StrictModel):
     )
 
 
+class EngineSettings(StrictModel):
+    """How the generation engine runs (serve and batch share these; EngineConfig adds what it loads)."""
+
+    merge_adapter: bool = Field(
+        False, description="With exactly one adapter: merge it into the base weights (faster; base no longer served)."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available, else CPU.")
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+        "auto", description="Weights and activations; auto: float16 on CUDA, float32 on CPU."
+    )
+    max_batch_size: int = Field(32, ge=1, description="Most sequences decoded together in one step.")
+    max_context: int | None = Field(
+        None, ge=16, description="Prompt + answer tokens per sequence; None: the model's limit, capped at 4096."
+    )
+
+
 class TrainJobConfig(StrictModel):
     model: ModelConfig = Field(default_factory=ModelConfig, description="Base model.")
     lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA adapter.")

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import Field, model_validator
 
-from ..config import ModelConfig, StrictModel
+from ..config import EngineSettings, ModelConfig
 
 BASE_NAME = "base"
 
 
-class EngineConfig(StrictModel):
+class EngineConfig(EngineSettings):
     model: ModelConfig | None = Field(
         None, description="Base model; None: the `model:` section of the first adapter's training_config.yaml."
     )
@@ -19,17 +17,6 @@ class EngineConfig(StrictModel):
         default_factory=dict,
         description="Served name -> adapter location: outputs/<run>/adapter, a Ray Train checkpoint folder, "
         "or an s3:// / gs:// URI of either.",
-    )
-    merge_adapter: bool = Field(
-        False, description="With exactly one adapter: merge it into the base weights (faster; base no longer served)."
-    )
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available, else CPU.")
-    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
-        "auto", description="Weights and activations; auto: float16 on CUDA, float32 on CPU."
-    )
-    max_batch_size: int = Field(32, ge=1, description="Most sequences decoded together in one step.")
-    max_context: int | None = Field(
-        None, ge=16, description="Prompt + answer tokens per sequence; None: the model's limit, capped at 4096."
     )
 
     @model_validator(mode="after")
