@@ -27,16 +27,13 @@ def unwrap(model):
 def save_state(folder: Path, model, optimizer, scheduler, scaler, step: int, seed: int, history: list[dict]) -> None:
     folder = Path(folder)
     unwrap(model).save_pretrained(folder / ADAPTER_DIR, safe_serialization=True)
-    torch.save(
-        {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-            "step": step,
-            "history": history,
-        },
-        folder / STATE_FILE,
-    )
+    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()}
+    write_trainer_state(folder, state, step, seed, history)
+
+
+def write_trainer_state(folder: Path, state: dict, step: int, seed: int, history: list[dict]) -> None:
+    """trainer_state.pt (state + step + history) and rng.json: the parts every checkpoint layout shares."""
+    torch.save({**state, "step": step, "history": history}, folder / STATE_FILE)
     (folder / "rng.json").write_text(json.dumps({"step": step, "seed": seed}))
 
 

@@ -19,7 +19,7 @@ import torch
 
 from mistral_qa.config import TrainJobConfig
 
-from .checkpoint import ADAPTER_DIR, STATE_FILE, unwrap
+from .checkpoint import ADAPTER_DIR, STATE_FILE, unwrap, write_trainer_state
 from .optim import build_optimizer
 
 log = logging.getLogger("train")
@@ -98,17 +98,14 @@ def _gathered(engine):
 def save(folder: Path, engine, scheduler, scaler, step: int, seed: int, history: list[dict], rank: int) -> None:
     """Every rank calls this (DeepSpeed's save and the ZeRO-3 gather are collectives); rank 0 writes
     the adapter and trainer_state.pt, every rank its own optimiser shard under deepspeed/."""
-    import json
-
     folder = Path(folder)
     with _gathered(engine):
         if rank == 0:
             unwrap(engine).save_pretrained(folder / ADAPTER_DIR, safe_serialization=True)
     if rank == 0:
         # No "optimizer" key: the optimiser lives in deepspeed/ (partitioned per rank).
-        state = {"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": step, "history": history}
-        torch.save(state, folder / STATE_FILE)
-        (folder / "rng.json").write_text(json.dumps({"step": step, "seed": seed}))
+        state = {"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()}
+        write_trainer_state(folder, state, step, seed, history)
     (folder / DS_DIR).mkdir(parents=True, exist_ok=True)  # DeepSpeed creates it on rank 0 only
     # The frozen base is rebuilt from the model config; saving it would copy the whole base model.
     engine.save_checkpoint(str(folder / DS_DIR), tag=DS_TAG, exclude_frozen_parameters=True)
