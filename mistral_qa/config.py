@@ -76,7 +76,13 @@ class DeepSpeedConfig(StrictModel):
 
 class TrainingConfig(StrictModel):
     max_steps: int = Field(2000, ge=1, description="Optimiser steps in the whole run.")
-    batch_size: int = Field(4, ge=1, description="Rows per worker per micro-batch.")
+    batch_size: int = Field(4, ge=1, description="Rows per worker per micro-batch (and per eval micro-batch).")
+    batch_tokens: int | None = Field(
+        None,
+        ge=16,
+        description="Length-grouped training micro-batches of at most this many padded tokens (rows x longest) "
+        "per worker, instead of batch_size rows; None: batch_size rows.",
+    )
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimiser step.")
     eval_every: int = Field(100, ge=1, description="Evaluate and checkpoint every N steps (and at the end).")
     eval_batches: int | None = Field(
@@ -87,6 +93,9 @@ class TrainingConfig(StrictModel):
         "auto", description="auto: fp16 mixed precision on CUDA, fp32 on CPU."
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    compile: bool = Field(
+        False, description="torch.compile each decoder layer (fused elementwise ops; the first steps compile)."
+    )
     seed: int = Field(1234, description="Seed for LoRA init, dropout and data order.")
     deepspeed: DeepSpeedConfig | None = Field(None, description="Use DeepSpeed ZeRO instead of DDP (CPU: fp32 only).")
 
@@ -127,6 +136,9 @@ class EngineSettings(StrictModel):
     max_context: int | None = Field(
         None, ge=16, description="Prompt + answer tokens per sequence; None: the model's limit, capped at 4096."
     )
+    compile: bool = Field(
+        True, description="CUDA: torch.compile the decode step's layer (fused kernels); false: plain PyTorch ops."
+    )
 
 
 class TrainJobConfig(StrictModel):
@@ -148,6 +160,10 @@ class TrainJobConfig(StrictModel):
             raise ValueError(
                 f"training.precision={self.training.precision} needs scaling.use_gpu=true; use auto or fp32 on CPU"
             )
+        if self.training.batch_tokens is not None and self.training.batch_tokens < self.data.max_length:
+            raise ValueError("training.batch_tokens must be at least data.max_length, so that every row fits")
+        if self.training.compile and self.training.deepspeed is not None:
+            raise ValueError("training.compile is not supported with training.deepspeed (untested); use DDP")
         if self.optim.warmup_steps >= self.training.max_steps:
             raise ValueError("optim.warmup_steps must be smaller than training.max_steps")
         return self

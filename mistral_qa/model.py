@@ -200,44 +200,102 @@ def _from_hub_or_dir(cls, cfg: ModelConfig, **kwargs):
         raise ModelLoadError(f"cannot load model from {where!r}: {err}") from None
 
 
-def _random_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device):
-    from transformers import MistralConfig, MistralForCausalLM
+def nf4_config(compute_dtype: torch.dtype):
+    """The QLoRA quantisation: NF4 weights, double-quantised statistics, matmuls in `compute_dtype`."""
+    from transformers import BitsAndBytesConfig
 
-    if cfg.load_in_4bit:
-        raise ModelLoadError(
-            "model.load_in_4bit is not supported for random weights (source=random); use a hub or local model"
-        )
-    if cfg.name not in RANDOM_SHAPES:
-        raise ModelLoadError(f"model.name={cfg.name!r}: random shapes are {sorted(RANDOM_SHAPES)}")
-    config = MistralConfig(**RANDOM_SHAPES[cfg.name], bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
-    config._attn_implementation = cfg.attn_implementation
-    torch.manual_seed(cfg.seed)  # same seed, same weights: serve and batch rebuild the base a run trained on
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_use_double_quant=True,
+    )
+
+
+def _nf4_linear(linear: torch.nn.Linear, compute_dtype: torch.dtype, device: torch.device):
+    import bitsandbytes as bnb
+
+    layer = bnb.nn.Linear4bit(
+        linear.in_features,
+        linear.out_features,
+        bias=linear.bias is not None,
+        compute_dtype=compute_dtype,
+        compress_statistics=True,
+        quant_type="nf4",
+        device="meta",  # its own weight is replaced below; never allocate it
+    )
+    weight = bnb.nn.Params4bit(
+        linear.weight.data, requires_grad=False, compress_statistics=True, quant_type="nf4", module=layer
+    )
+    layer.weight = weight.to(device)  # Params4bit quantises as it moves
+    if linear.bias is not None:
+        layer.bias = torch.nn.Parameter(linear.bias.data.to(device), requires_grad=False)
+    return layer
+
+
+def quantize_nf4(model, compute_dtype: torch.dtype, device: torch.device | str) -> None:
+    """Quantise `model` in place to what load_base_model gives for a hub model with load_in_4bit: every
+    nn.Linear except the output head becomes a bitsandbytes NF4 Linear4bit on `device`, one layer at a
+    time (so `device` never holds the full-precision weights), and the rest moves to `device`."""
+    device = torch.device(device)
+    head = model.get_output_embeddings()
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is torch.nn.Linear and child is not head:
+                setattr(parent, name, _nf4_linear(child, compute_dtype, device))
+    model.to(device)
+    # The marks transformers' bitsandbytes quantizer leaves on a model it loads in 4-bit: PEFT reads
+    # is_loaded_in_4bit (prepare_model_for_kbit_training, LoRA layers for bnb.nn.Linear4bit), and
+    # transformers refuses dtype casts of a model whose quantization_method is bitsandbytes.
+    model.is_loaded_in_4bit = True
+    model.is_quantized = True
+    model.quantization_method = "bitsandbytes"
+    model.config.quantization_config = nf4_config(compute_dtype)
+
+
+def _build_random(config, seed: int, dtype: torch.dtype, device: torch.device):
+    from transformers import MistralForCausalLM
+
+    torch.manual_seed(seed)  # same seed, same weights: serve and batch rebuild the base a run trained on
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # build in the target dtype: a 7B shape never exists in fp32
     try:
         with torch.device(device):
-            model = MistralForCausalLM(config)
+            return MistralForCausalLM(config)
     finally:
         torch.set_default_dtype(default)
+
+
+def _random_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device):
+    from transformers import MistralConfig
+
+    if cfg.name not in RANDOM_SHAPES:
+        raise ModelLoadError(f"model.name={cfg.name!r}: random shapes are {sorted(RANDOM_SHAPES)}")
+    config = MistralConfig(**RANDOM_SHAPES[cfg.name], bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    config._attn_implementation = cfg.attn_implementation
+    if not cfg.load_in_4bit:
+        return _build_random(config, cfg.seed, dtype, device)
+    # Built on the CPU (14.5 GB of host memory for the 7B shape) and quantised layer by layer onto the
+    # GPU, which never holds the fp16 weights: like a hub model loaded in 4-bit, so peak GPU memory is
+    # QLoRA's. The CPU's random stream differs from the GPU's: this base is not the NF4 copy of the fp16
+    # base built on a GPU, but every 4-bit load (train, serve, batch) rebuilds the same one.
+    model = _build_random(config, cfg.seed, dtype, torch.device("cpu"))
+    quantize_nf4(model, dtype, device)
     return model
 
 
 def load_base_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str = "cpu"):
     """The base causal LM on `device` in `dtype` (4-bit NF4 when cfg.load_in_4bit)."""
     device = torch.device(device)
+    if cfg.load_in_4bit and device.type != "cuda":
+        raise ModelLoadError(f"model.load_in_4bit needs a CUDA device, not {device.type} (bitsandbytes 4-bit training)")
     if cfg.source == "random":
         return _random_model(cfg, dtype, device)
     from transformers import AutoModelForCausalLM
 
     kwargs: dict = {"dtype": dtype, "attn_implementation": cfg.attn_implementation}
     if cfg.load_in_4bit:
-        if device.type != "cuda":
-            raise ModelLoadError("model.load_in_4bit needs a CUDA device")
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True
-        )
+        kwargs["quantization_config"] = nf4_config(dtype)
         kwargs["device_map"] = {"": device.index or 0}
     model = _from_hub_or_dir(AutoModelForCausalLM, cfg, **kwargs)
     return model if cfg.load_in_4bit else model.to(device)

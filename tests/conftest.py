@@ -31,7 +31,10 @@ def ray_session():
 
     if not ray.is_initialized():
         ray.init(
-            address="local", num_cpus=4, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}}
+            address="local",
+            num_cpus=4,
+            include_dashboard=False,
+            runtime_env={"env_vars": {"PYTHONPATH": f"{ROOT}{os.pathsep}${{PYTHONPATH}}"}},
         )
         # Ray's own helper processes (and any subprocess) must join this instance, not another
         # cluster that a test started on the same machine.

@@ -5,9 +5,9 @@
     [answer] = engine.generate([build_prompt("Does phone use before bed hurt sleep?")], SamplingParams())
 
 Layout: config (EngineConfig) · request (SamplingParams, Completion, Delta, Request) · loading
-(base + adapters) · kvbatch (prefill, decode_step, merge/select of a left-padded KV cache) ·
-sampling · textstream (detokenising, stop strings) · runner (continuous batching steps) ·
-scheduler (engine thread) · core (Engine) · errors.
+(base + adapters) · decoder (the model's forward over a slot KV cache) · lora_rows (adapters
+per row) · graphs (decode steps, CUDA graphs) · sampling · textstream (detokenising, stop strings) ·
+runner (continuous batching steps) · scheduler (engine thread) · core (Engine) · errors.
 """
 
 from .config import BASE_NAME, EngineConfig

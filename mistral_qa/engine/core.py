@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from ..prompt import STOP_STRINGS
 from . import loading
 from .config import BASE_NAME, EngineConfig
+from .decoder import SlotDecoder
 from .errors import EngineError, EngineFailure, PromptTooLong, UnknownModel
 from .request import Completion, Delta, Request, SamplingParams
 from .runner import StepRunner
@@ -41,12 +42,11 @@ class Engine:
         self.adapter_names = list(cfg.adapters)
         self.training_config = self._loaded.training_config
         self.model_config = self._loaded.model_config
+        loaded = self._loaded
+        adapters = [] if loaded.merged else list(loaded.adapters)  # merged: the weights hold the adapter
+        decoder = SlotDecoder(loaded.model, adapters, cfg.max_batch_size, self.max_context)
         runner = StepRunner(
-            self._loaded,
-            cfg.max_batch_size,
-            self.max_context,
-            eos_ids(self._loaded.model, self.tokenizer),
-            self.tokenizer.pad_token_id,
+            decoder, adapters, cfg.max_batch_size, self.max_context, eos_ids(loaded.model, self.tokenizer), cfg.compile
         )
         self._scheduler = Scheduler(runner)
         # The engine thread detokenises while callers tokenise; fast tokenizers are not safe to share

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,15 +28,6 @@ class LoadedModel:
     adapters: dict[str, Path] = field(default_factory=dict)
     training_config: dict | None = None
     merged: bool = False
-
-    def use(self, adapter: str | None):
-        """Context in which the model computes with `adapter` (None: the bare base)."""
-        if self.merged or not self.adapters:
-            return contextlib.nullcontext()
-        if adapter is None:
-            return self.model.disable_adapter()
-        self.model.set_adapter(adapter, inference_mode=True)
-        return contextlib.nullcontext()
 
 
 def pick_device(name: str) -> torch.device:

@@ -1,9 +1,10 @@
 """Continuous batching: one step = admit waiting requests (prefill, first token), then one decode
-step for every running batch. Finished rows leave at once and their slots go to waiting requests
-at the next step, so a long answer never holds up short ones.
+step for every running sequence. Finished rows leave at once and their slots go to waiting
+requests at the next step, so a long answer never holds up short ones.
 
-Rows run in one batch per adapter (the adapter is switched per batch), so mixing adapters costs
-one forward per adapter per step. Only the engine thread calls into a StepRunner.
+Running request i lives in cache slot i (slots 0..n-1 are always the running ones: a finished
+row's slot is refilled by moving the last row into it). Every row carries its own adapter index,
+so one decode step serves the base and any mix of adapters. Only the engine thread calls in here.
 """
 
 from __future__ import annotations
@@ -12,46 +13,43 @@ import logging
 import time
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import torch
 
+from .decoder import SlotDecoder
 from .errors import Cancelled
-from .kvbatch import KVBatch, decode_step, merge, prefill, select
-from .loading import LoadedModel
+from .graphs import PREFILL_TOKENS, DecodeSteps
 from .request import Delta, Request
 from .sampling import next_tokens
 
 log = logging.getLogger(__name__)
 
-# Padded prompt tokens per prefill forward: bounds prefill memory when many long prompts arrive at once.
-PREFILL_TOKEN_BUDGET = 16384
-
-
-@dataclass
-class Group:
-    """The running rows of one adapter and their tensors (row i of `kv` is rows[i])."""
-
-    kv: KVBatch
-    rows: list[Request]
-
 
 class StepRunner:
-    def __init__(self, loaded: LoadedModel, max_batch_size: int, max_context: int, eos_ids: set[int], pad_id: int):
-        self.loaded = loaded
+    def __init__(
+        self,
+        decoder: SlotDecoder,
+        adapters: list[str],
+        max_batch_size: int,
+        max_context: int,
+        eos_ids: set[int],
+        compile: bool = False,
+    ):
+        self.decoder = decoder
+        self.steps = DecodeSteps(decoder, compile=compile and decoder.device.type == "cuda")
+        self.adapter_index = {name: i for i, name in enumerate(adapters)}
         self.max_batch_size = max_batch_size
         self.max_context = max_context
         self.eos_ids = eos_ids
-        self.pad_id = pad_id
         self.waiting: deque[Request] = deque()
-        self.groups: dict[str | None, Group] = {}
+        self.rows: list[Request] = []  # rows[i] is in cache slot i
 
     @property
     def running(self) -> int:
-        return sum(len(g.rows) for g in self.groups.values())
+        return len(self.rows)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.groups)
+        return bool(self.waiting or self.rows)
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -60,17 +58,29 @@ class StepRunner:
     def step(self) -> None:
         self._drop_cancelled()
         self._admit()
-        for adapter in list(self.groups):
-            group = self.groups.pop(adapter)
-            try:
-                with self.loaded.use(adapter):
-                    logits = decode_step(self.loaded.model, group.kv)
-                rest = self._accept(group, next_tokens(logits, group.rows))
-            except Exception as err:  # a failed step fails its rows, never the engine
-                self._fail(group.rows, err)
-                continue
-            if rest is not None:
-                self.groups[adapter] = rest
+        if not self.rows:
+            return
+        rows = self.rows
+        try:
+            logits = self.steps(
+                [r.token_ids[-1] for r in rows],
+                [self._cached(r) for r in rows],
+                [self._adapter(r) for r in rows],
+            )
+            tokens = next_tokens(logits, rows)
+        except Exception as err:  # a failed step fails its rows, never the engine
+            self._fail(rows, err)
+            self.rows = []
+            return
+        self._accept(0, tokens)
+
+    @staticmethod
+    def _cached(row: Request) -> int:
+        """Tokens of `row` in its cache slot (its newest token is fed next, at this position)."""
+        return row.prompt_tokens + len(row.token_ids) - 1
+
+    def _adapter(self, row: Request) -> int:
+        return self.adapter_index.get(row.adapter, -1)
 
     def _admit(self) -> None:
         chosen: list[Request] = []
@@ -80,41 +90,38 @@ class StepRunner:
                 request.on_delta(Delta("", error=Cancelled()))
             else:
                 chosen.append(request)
-        by_adapter: dict[str | None, list[Request]] = {}
-        for request in chosen:
-            by_adapter.setdefault(request.adapter, []).append(request)
-        for adapter, requests in by_adapter.items():
-            for chunk in prefill_chunks(requests):
-                self._prefill(adapter, chunk)
+        for chunk in prefill_chunks(chosen, PREFILL_TOKENS):
+            self._prefill(chunk)
 
-    def _prefill(self, adapter: str | None, requests: list[Request]) -> None:
+    def _prefill(self, requests: list[Request]) -> None:
+        first = len(self.rows)
+        total = sum(r.prompt_tokens for r in requests)
         try:
-            with self.loaded.use(adapter):
-                kv, logits = prefill(
-                    self.loaded.model, [r.prompt_ids for r in requests], self.pad_id, self.loaded.device
-                )
-            fresh = self._accept(Group(kv, requests), next_tokens(logits, requests))
+            logits = self.decoder.prefill(
+                [r.prompt_ids for r in requests],
+                first,
+                [self._adapter(r) for r in requests],
+                *self.steps.prefill_padding(total),
+            )
+            tokens = next_tokens(logits, requests)
         except Exception as err:
             self._fail(requests, err)
             return
-        if fresh is None:
-            return
-        running = self.groups.get(adapter)
-        self.groups[adapter] = (
-            fresh if running is None else Group(merge(running.kv, fresh.kv), running.rows + fresh.rows)
-        )
+        self.rows.extend(requests)
+        self._accept(first, tokens)
 
-    def _accept(self, group: Group, tokens: list[int]) -> Group | None:
-        """Append each row's new token, stream its text, and keep only the unfinished rows."""
-        keep = [
-            i for i, (row, token) in enumerate(zip(group.rows, tokens, strict=True)) if not self._advance(row, token)
-        ]
-        if not keep:
-            return None
-        group.kv.next_ids = torch.tensor(tokens, dtype=torch.long, device=group.kv.mask.device)
-        if len(keep) == len(group.rows):
-            return group
-        return Group(select(group.kv, keep), [group.rows[i] for i in keep])
+    def _accept(self, first: int, tokens: list[int]) -> None:
+        """Give rows first.. their new tokens; finished rows leave."""
+        finished = [first + i for i, token in enumerate(tokens) if self._advance(self.rows[first + i], token)]
+        self._remove(finished)
+
+    def _remove(self, indices: list[int]) -> None:
+        """Drop these rows, moving the last running row into each freed slot."""
+        for i in sorted(indices, reverse=True):
+            last = self.rows.pop()
+            if i < len(self.rows):
+                self.decoder.move(len(self.rows), i, self._cached(last))
+                self.rows[i] = last
 
     def _advance(self, row: Request, token: int) -> bool:
         """Record one token; returns whether the row has finished."""
@@ -135,17 +142,10 @@ class StepRunner:
         return True
 
     def _drop_cancelled(self) -> None:
-        for adapter, group in list(self.groups.items()):
-            keep = [i for i, row in enumerate(group.rows) if not row.cancelled]
-            if len(keep) == len(group.rows):
-                continue
-            for row in group.rows:
-                if row.cancelled:
-                    row.on_delta(Delta("", error=Cancelled()))
-            if keep:
-                self.groups[adapter] = Group(select(group.kv, keep), [group.rows[i] for i in keep])
-            else:
-                del self.groups[adapter]
+        gone = [i for i, row in enumerate(self.rows) if row.cancelled]
+        for i in gone:
+            self.rows[i].on_delta(Delta("", error=Cancelled()))
+        self._remove(gone)
 
     def _fail(self, rows: list[Request], err: Exception) -> None:
         if not rows:
@@ -155,19 +155,21 @@ class StepRunner:
             row.on_delta(Delta("", error=err))
 
     def fail_all(self, err: Exception) -> None:
-        self._fail([*self.waiting, *(r for g in self.groups.values() for r in g.rows)], err)
+        self._fail([*self.waiting, *self.rows], err)
         self.waiting.clear()
-        self.groups.clear()
+        self.rows = []
 
 
-def prefill_chunks(requests: list[Request]) -> Iterable[list[Request]]:
-    """Consecutive runs of requests whose padded size stays within PREFILL_TOKEN_BUDGET."""
+def prefill_chunks(requests: list[Request], chunk_tokens: int) -> Iterable[list[Request]]:
+    """Consecutive runs of requests whose prompts together stay within chunk_tokens (a longer
+    prompt runs alone)."""
     chunk: list[Request] = []
+    total = 0
     for request in requests:
-        width = max([request.prompt_tokens, *(r.prompt_tokens for r in chunk)])
-        if chunk and width * (len(chunk) + 1) > PREFILL_TOKEN_BUDGET:
+        if chunk and total + request.prompt_tokens > chunk_tokens:
             yield chunk
-            chunk = []
+            chunk, total = [], 0
         chunk.append(request)
+        total += request.prompt_tokens
     if chunk:
         yield chunk

@@ -7,19 +7,40 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 
+def _decoder(tokenizer):
+    """ids -> text without special tokens. A fast tokenizer's Rust backend directly, when it gives
+    what tokenizer.decode gives (no clean-up pass): the engine decodes every row every step."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return lambda ids: backend.decode(ids, skip_special_tokens=True)
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+
+
 class TextStream:
     def __init__(self, tokenizer, stop: Sequence[str]):
-        self._tokenizer = tokenizer
+        self._decode = _decoder(tokenizer)
         self._stop = [s for s in stop if s]
         self._longest = max((len(s) for s in self._stop), default=0)
         self.text = ""
         self._emitted = 0
+        self._raw = ""  # the decoded answer so far, before the leading-space strip
+        self._prefix = 0  # tokens before this one are final in _raw
+        self._read = 0  # tokens before this one have been decoded into _raw
+
+    def _decode_new(self, token_ids: list[int]) -> str:
+        """Text the new tokens add. Decoding them together with the few tokens before them keeps
+        sentencepiece spacing right; a character whose bytes are still coming waits (U+FFFD)."""
+        before = self._decode(token_ids[self._prefix : self._read])
+        now = self._decode(token_ids[self._prefix :])
+        if now.endswith("\ufffd") or len(now) <= len(before):
+            return ""
+        self._prefix, self._read = self._read, len(token_ids)
+        return now[len(before) :]
 
     def push(self, token_ids: list[int]) -> tuple[str, bool]:
         """Take all tokens so far; return (new text to show, whether a stop string ended the answer)."""
-        # Decoding the whole answer each step is what keeps multi-token characters and
-        # sentencepiece spacing right; answers are short enough that this costs little.
-        text = self._tokenizer.decode(token_ids, skip_special_tokens=True).lstrip()
+        self._raw += self._decode_new(token_ids)
+        text = self._raw.lstrip()
         cut = self._find_stop(text)
         if cut is not None:
             self.text = text[:cut].rstrip()

@@ -1,0 +1,265 @@
+"""The model's forward pass written out over a slot KV cache, for Llama/Mistral-family models.
+
+The cache is preallocated: `slots` sequences x `slot_len` tokens per layer. The sequence in slot i
+keeps its keys and values at positions 0..n-1 of row i, so every sequence has its own position and
+a decode step is one forward over rows 0..rows-1 whatever their lengths: no padding columns, no
+reshaping of the cache when sequences join or leave (a finished sequence's slot is refilled by
+moving the last one into it).
+
+It uses the model's own modules (embedding, norms, projections, rotary embedding, MLP activation)
+and only re-does the wiring, so numbers match the transformers forward. LoRA adapters are applied
+per row (lora_rows.py), so one step can mix adapters and the bare base.
+
+Shapes can be padded for batch invariance (see `prefill` and `decode`): on CUDA every decode runs
+the matmuls over a fixed number of rows, so a sequence gets the same numbers alone or in a full
+batch, and greedy answers do not depend on what else is running.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..model import ModelLoadError
+from .lora_rows import LoraRows
+
+_LAYER_PARTS = ("input_layernorm", "post_attention_layernorm", "self_attn", "mlp")
+_ATTN_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj")
+_MLP_PARTS = ("gate_proj", "up_proj", "down_proj", "act_fn")
+
+
+def check_supported(model: nn.Module) -> None:
+    """Raise ModelLoadError unless `model` has the Llama/Mistral decoder layout the engine wires up."""
+    inner = getattr(model, "model", None)
+    problem = None
+    if inner is None or not all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
+        problem = "no model.{embed_tokens, layers, norm, rotary_emb}"
+    elif not hasattr(model, "lm_head"):
+        problem = "no lm_head"
+    else:
+        layer = inner.layers[0]
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        if not all(hasattr(layer, a) for a in _LAYER_PARTS):
+            problem = f"decoder layers lack one of {_LAYER_PARTS}"
+        elif not all(hasattr(attn, a) for a in _ATTN_PARTS) or not all(hasattr(mlp, a) for a in _MLP_PARTS):
+            problem = "attention or MLP is not q/k/v/o + gate/up/down"
+        elif hasattr(attn, "q_norm") or hasattr(layer, "pre_feedforward_layernorm"):
+            problem = "extra norms inside the layers"
+    if problem:
+        kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+        raise ModelLoadError(f"the engine runs Llama/Mistral-family models; {kind} does not fit ({problem})")
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [rows, heads, tokens, dim]; cos/sin: [rows, tokens, dim] (as transformers applies them)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return (x * cos) + (_rotate_half(x) * sin)
+
+
+def project(module: nn.Module, table, x: torch.Tensor, adapter_index: torch.Tensor) -> torch.Tensor:
+    """module(x), plus each row's own LoRA delta when the module has adapters (see lora_rows.py)."""
+    if table is None:
+        return module(x)
+    a, b, owner = table
+    out = module.base_layer(x)
+    keep = (adapter_index[:, None] == owner[None, :]).to(a.dtype)  # [rows, sum of ranks]
+    low = (x.to(a.dtype) @ a.T) * keep[:, None, :]
+    return out + (low @ b.T).to(out.dtype)
+
+
+def qkv(layer, tables, x, adapter_index, cos, sin, dims):
+    """Queries [rows, heads, tokens, dim] and keys, values [rows, kv_heads, tokens, dim], rotated."""
+    heads, kv_heads, head_dim, _ = dims
+    rows, tokens = x.shape[:2]
+    attn = layer.self_attn
+    q = project(attn.q_proj, tables["q_proj"], x, adapter_index).view(rows, tokens, heads, head_dim)
+    k = project(attn.k_proj, tables["k_proj"], x, adapter_index).view(rows, tokens, kv_heads, head_dim)
+    v = project(attn.v_proj, tables["v_proj"], x, adapter_index).view(rows, tokens, kv_heads, head_dim)
+    return _rope(q.transpose(1, 2), cos, sin), _rope(k.transpose(1, 2), cos, sin), v.transpose(1, 2)
+
+
+def finish_layer(layer, tables, h, attended, adapter_index):
+    """Output projection, residual, MLP, residual."""
+    h = h + project(layer.self_attn.o_proj, tables["o_proj"], attended, adapter_index)
+    x = layer.post_attention_layernorm(h)
+    mlp = layer.mlp
+    gate = project(mlp.gate_proj, tables["gate_proj"], x, adapter_index)
+    up = project(mlp.up_proj, tables["up_proj"], x, adapter_index)
+    return h + project(mlp.down_proj, tables["down_proj"], mlp.act_fn(gate) * up, adapter_index)
+
+
+def decode_layer(layer, tables, h, cos, sin, adapter_index, keys, values, slot, positions, mask, dims):
+    """One layer for one new token per row. Rows 0..len(slot)-1 are cache slots: their keys/values
+    are written at their positions and attention reads mask.shape[-1] columns; other rows are padding."""
+    heads, kv_heads, head_dim, scale = dims
+    rows = slot.shape[0]
+    q, k, v = qkv(layer, tables, layer.input_layernorm(h), adapter_index, cos, sin, dims)
+    keys[slot, :, positions[:rows]] = k[:rows, :, 0]
+    values[slot, :, positions[:rows]] = v[:rows, :, 0]
+    context = mask.shape[-1]
+    # One new token per row: the query heads sharing a KV head ride as that head's "tokens".
+    qg = q[:rows].reshape(rows, kv_heads, heads // kv_heads, head_dim)
+    o = F.scaled_dot_product_attention(
+        qg, keys[:rows, :, :context], values[:rows, :, :context], attn_mask=mask, scale=scale
+    )
+    attended = q.new_zeros(q.shape[0], 1, heads * head_dim)
+    attended[:rows, 0] = o.reshape(rows, -1)
+    return finish_layer(layer, tables, h, attended, adapter_index)
+
+
+def cache_bytes(model: nn.Module, slots: int, slot_len: int) -> int:
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    itemsize = model.get_input_embeddings().weight.element_size()
+    return 2 * cfg.num_hidden_layers * slots * cfg.num_key_value_heads * slot_len * head_dim * itemsize
+
+
+class SlotDecoder:
+    def __init__(self, model: nn.Module, adapters: list[str], slots: int, slot_len: int):
+        """`model` as loaded (PEFT-wrapped when adapters are attached unmerged)."""
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        check_supported(base)
+        self.inner, self.lm_head = base.model, base.lm_head
+        self.layers = list(self.inner.layers)
+        cfg = base.config
+        attn = self.layers[0].self_attn
+        self.head_dim, self.scale = attn.head_dim, attn.scaling
+        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        weight = self.inner.embed_tokens.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        self.lora = LoraRows(model, adapters, self.dtype)
+        self.tables = [self.lora.layer_tables(layer) for layer in self.layers]
+        self.dims = (self.heads, self.kv_heads, self.head_dim, self.scale)
+        self.decode_layer = decode_layer
+        self.slots, self.slot_len = slots, slot_len
+        # On CUDA the whole cache exists from the start (captured graphs hold its address); on CPU it
+        # grows with the longest sequence, so a large max_context costs memory only when used.
+        self.capacity = slot_len if self.device.type == "cuda" else min(256, slot_len)
+        try:
+            self.keys, self.values = self._allocate(self.capacity), self._allocate(self.capacity)
+        except torch.OutOfMemoryError:
+            gib = cache_bytes(base, slots, slot_len) / 2**30
+            raise ModelLoadError(
+                f"the KV cache for {slots} sequences x {slot_len} tokens needs {gib:.1f} GiB, more than is free "
+                "next to the model: lower max_batch_size or max_context"
+            ) from None
+
+    def _allocate(self, columns: int) -> list[torch.Tensor]:
+        shape = (self.slots, self.kv_heads, columns, self.head_dim)
+        return [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+
+    def reserve(self, length: int) -> None:
+        """Make room for sequences of `length` tokens (<= slot_len)."""
+        if length <= self.capacity:
+            return
+        columns = min(self.slot_len, max(length, 2 * self.capacity))
+        for cache in (self.keys, self.values):
+            for i, old in enumerate(cache):
+                new = old.new_zeros(self.slots, self.kv_heads, columns, self.head_dim)
+                new[:, :, : self.capacity] = old
+                cache[i] = new
+        self.capacity = columns
+
+    # -- the layers ------------------------------------------------------------------------------
+
+    def _layers(self, h, positions, adapter_index, attend) -> torch.Tensor:
+        """h: [rows, tokens, hidden]; positions: [rows, tokens];
+        attend(layer index, q, k, v) -> [rows, tokens, heads*dim]."""
+        cos, sin = self.inner.rotary_emb(h, positions)
+        for i, (layer, tables) in enumerate(zip(self.layers, self.tables, strict=True)):
+            q, k, v = qkv(layer, tables, layer.input_layernorm(h), adapter_index, cos, sin, self.dims)
+            h = finish_layer(layer, tables, h, attend(i, q, k, v), adapter_index)
+        return self.inner.norm(h)
+
+    def _logits(self, last: torch.Tensor, pad_rows: int | None) -> torch.Tensor:
+        """[rows, hidden] -> [rows, vocab] float32; the lm_head matmul runs over pad_rows rows if given."""
+        rows = last.shape[0]
+        if pad_rows is not None and pad_rows > rows:
+            last = torch.cat([last, last.new_zeros(pad_rows - rows, last.shape[1])])
+        return self.lm_head(last)[:rows].float()
+
+    # -- prefill ---------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def prefill(
+        self,
+        prompts: list[list[int]],
+        first_slot: int,
+        adapter_index: list[int],
+        pad_tokens: int | None = None,
+        pad_rows: int | None = None,
+    ) -> torch.Tensor:
+        """Write the prompts' keys/values into slots first_slot.. and return each prompt's last-token
+        logits [prompts, vocab] (float32).
+
+        The prompts run packed as one stream of tokens (each token a row of the matmuls), padded to
+        pad_tokens; attention is causal within each prompt only. With a fixed pad_tokens every
+        prompt gets the same numbers whatever it is packed with.
+        """
+        lengths = [len(p) for p in prompts]
+        total = sum(lengths)
+        self.reserve(max(lengths))
+        width = max(total, pad_tokens or 0)
+        ids = torch.zeros(width, dtype=torch.long)
+        positions = torch.zeros(width, dtype=torch.long)
+        token_adapter = torch.full((width,), -1, dtype=torch.long)
+        starts, offset = [], 0
+        for prompt, n, a in zip(prompts, lengths, adapter_index, strict=True):
+            ids[offset : offset + n] = torch.tensor(prompt, dtype=torch.long)
+            positions[offset : offset + n] = torch.arange(n)
+            token_adapter[offset : offset + n] = a
+            starts.append(offset)
+            offset += n
+        ids, positions, token_adapter = (t.to(self.device) for t in (ids, positions, token_adapter))
+
+        def attend(layer: int, q, k, v):  # q: [width, heads, 1, dim]; k, v: [width, kv_heads, 1, dim]
+            out = q.new_zeros(width, 1, self.heads * self.head_dim)
+            for j, (start, n) in enumerate(zip(starts, lengths, strict=True)):
+                kj, vj = k[start : start + n, :, 0].transpose(0, 1), v[start : start + n, :, 0].transpose(0, 1)
+                self.keys[layer][first_slot + j, :, :n] = kj
+                self.values[layer][first_slot + j, :, :n] = vj
+                qj = q[start : start + n, :, 0].transpose(0, 1)[None]
+                oj = F.scaled_dot_product_attention(
+                    qj, kj[None], vj[None], is_causal=True, scale=self.scale, enable_gqa=True
+                )
+                out[start : start + n, 0] = oj[0].transpose(0, 1).reshape(n, -1)
+            return out
+
+        h = self.inner.embed_tokens(ids)[:, None, :]
+        h = self._layers(h, positions[:, None], token_adapter, attend)
+        last = h[torch.tensor([s + n - 1 for s, n in zip(starts, lengths, strict=True)], device=self.device), 0]
+        return self._logits(last, pad_rows)
+
+    # -- decode ----------------------------------------------------------------------------------
+
+    def decode(
+        self, ids: torch.Tensor, positions: torch.Tensor, adapter_index: torch.Tensor, rows: int, context: int
+    ) -> torch.Tensor:
+        """One token for each of slots 0..rows-1: ids/positions/adapter_index are [gemm_rows] (>= rows;
+        the extra rows are padding whose results are dropped); attention reads `context` cache
+        columns. Returns [gemm_rows, vocab] float32 logits. Runs eagerly or inside a CUDA graph."""
+        slot = torch.arange(rows, device=self.device)
+        mask = (torch.arange(context, device=self.device)[None, :] <= positions[:rows, None])[:, None, None, :]
+        h = self.inner.embed_tokens(ids)[:, None, :]
+        cos, sin = self.inner.rotary_emb(h, positions[:, None])
+        for layer, tables, keys, values in zip(self.layers, self.tables, self.keys, self.values, strict=True):
+            h = self.decode_layer(
+                layer, tables, h, cos, sin, adapter_index, keys, values, slot, positions, mask, self.dims
+            )
+        return self.lm_head(self.inner.norm(h)[:, 0]).float()
+
+    def compile_decode(self) -> None:
+        """Use a torch.compile'd decode layer (fused elementwise kernels; compiled once for all layers)."""
+        self.decode_layer = torch.compile(decode_layer, dynamic=True)
+
+    def move(self, source: int, target: int, length: int) -> None:
+        """Copy the first `length` cached tokens of slot `source` into slot `target`."""
+        for keys, values in zip(self.keys, self.values, strict=True):
+            keys[target, :, :length] = keys[source, :, :length]
+            values[target, :, :length] = values[source, :, :length]

@@ -1,0 +1,76 @@
+"""The engine on a GPU (skipped without one): CUDA graphs + the compiled decode layer give the same
+greedy tokens as the eager CUDA path, and a request's answer does not depend on what it is batched with."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mistral_qa.config import ModelConfig
+from mistral_qa.engine import Engine, EngineConfig, SamplingParams
+from mistral_qa.engine.decoder import decode_layer
+from mistral_qa.engine.graphs import DecodeSteps
+from mistral_qa.prompt import build_prompt
+
+pytestmark = pytest.mark.gpu
+
+TINY = ModelConfig(source="random", name="tiny-mistral")
+PROMPTS = [
+    build_prompt(f"Question {i}: how does phone use at night affect sleep and mood? " * (1 + i % 5)) for i in range(40)
+]
+PARAMS = SamplingParams(max_tokens=48)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    eng = Engine(EngineConfig(model=TINY, device="cuda", max_batch_size=64, max_context=1024))
+    yield eng
+    eng.close()
+
+
+def tokens(engine, prompts):
+    return [c.token_ids for c in engine.generate(prompts, PARAMS)]
+
+
+def test_graph_replay_equals_running_the_same_step_directly(engine):
+    """CUDA graphs replay exactly the kernels of the compiled step: same tokens as running it uncaptured."""
+    runner = engine._scheduler._runner
+    fast = tokens(engine, PROMPTS)
+    assert runner.steps.graphs, "decode steps should have been replayed from CUDA graphs"
+    runner.steps = DecodeSteps(runner.decoder, use_graphs=False)  # keeps the compiled layer
+    try:
+        direct = tokens(engine, PROMPTS)
+    finally:
+        runner.steps = DecodeSteps(runner.decoder)
+    assert fast == direct
+
+
+def test_compiled_and_plain_layers_agree_on_the_first_tokens(engine):
+    """Fused kernels round differently from the plain ops; greedy answers still start the same."""
+    runner = engine._scheduler._runner
+    compiled = runner.decoder.decode_layer
+    fast = tokens(engine, PROMPTS[:8])
+    runner.decoder.decode_layer = decode_layer  # the plain layer
+    runner.steps = DecodeSteps(runner.decoder, use_graphs=False)
+    try:
+        plain = tokens(engine, PROMPTS[:8])
+    finally:
+        runner.decoder.decode_layer = compiled
+        runner.steps = DecodeSteps(runner.decoder)
+    assert all(f[:4] == p[:4] for f, p in zip(fast, plain, strict=True))
+
+
+def test_answers_do_not_depend_on_the_batch(engine):
+    together = tokens(engine, PROMPTS)
+    alone = [tokens(engine, [p])[0] for p in PROMPTS[:8]]
+    assert together[:8] == alone
+
+
+def test_float16_engine_follows_generate_on_the_first_tokens(engine):
+    """fp16 kernels differ from transformers' in rounding; the first greedy tokens still agree."""
+    model, tok = engine._loaded.model, engine.tokenizer
+    inputs = tok(PROMPTS[0], return_tensors="pt").to("cuda")
+    with torch.no_grad():
+        ref = model.generate(**inputs, max_new_tokens=8, do_sample=False)[0, inputs["input_ids"].shape[1] :].tolist()
+    [c] = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=8))
+    assert c.token_ids[:4] == ref[:4]
