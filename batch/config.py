@@ -64,7 +64,11 @@ class ComputeSettings(StrictModel):
     )
     num_gpus_per_actor: float = Field(0, ge=0, description="GPUs reserved by each generation actor (0 on CPU).")
     num_cpus_per_actor: float = Field(1, gt=0, description="CPUs reserved by each generation actor.")
-    batch_size: int = Field(64, ge=1, description="Rows handed to an actor per call (split into engine batches).")
+    batch_size: int = Field(
+        64,
+        ge=1,
+        description="Rows handed to an actor per call; its engine decodes up to engine.max_batch_size of them at once.",
+    )
     batch_retries: int = Field(
         1,
         ge=0,

@@ -61,7 +61,7 @@ def references(engine):
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
 def test_padded_shapes_equal_generate(engine, references, compile):
     """The CUDA shapes (>= 64 matmul rows, power-of-two attention rows and context, prefill packed
-    and padded to 512 tokens), eagerly and compiled: padding never changes a row's tokens."""
+    and padded to 256 tokens), eagerly and compiled: padding never changes a row's tokens."""
     steps = swap_steps(engine, padded=True, compile=compile)
     try:
         assert steps.shape(3, 200) == (64, 4, 256)

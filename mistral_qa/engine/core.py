@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import copy
 from collections.abc import AsyncIterator
@@ -108,26 +109,40 @@ class Engine:
     async def stream(self, request: Request) -> AsyncIterator[Delta]:
         """Submit `request` and yield its pieces as they come; the last carries the Completion.
 
+        Pieces that arrive while the caller is busy come out merged into one, so a slow consumer
+        (an HTTP stream under load) gets fewer, larger pieces instead of a growing backlog.
         Leaving the loop early (client gone) cancels the request inside the engine.
         """
         loop = asyncio.get_running_loop()
-        deltas: asyncio.Queue[Delta] = asyncio.Queue()
+        ready: collections.deque[Delta] = collections.deque()
+        wake = asyncio.Event()
+        scheduled = False  # a wake-up is on its way: later pieces need not send another
 
-        def on_delta(delta: Delta) -> None:
-            try:
-                loop.call_soon_threadsafe(deltas.put_nowait, delta)
-            except RuntimeError:  # the caller's event loop has closed: nobody is listening
-                request.cancel()
+        def on_delta(delta: Delta) -> None:  # the engine thread
+            nonlocal scheduled
+            ready.append(delta)
+            if not scheduled:
+                scheduled = True
+                try:
+                    loop.call_soon_threadsafe(wake.set)
+                except RuntimeError:  # the caller's event loop has closed: nobody is listening
+                    request.cancel()
 
         request.on_delta = on_delta
         self.submit(request)
         try:
             while True:
-                delta = await deltas.get()
-                if delta.error is not None:
-                    raise delta.error if isinstance(delta.error, EngineError) else EngineFailure(delta.error)
-                yield delta
-                if delta.completion is not None:
+                await wake.wait()
+                wake.clear()
+                scheduled = False  # before draining: a piece appended from now on sends a new wake-up
+                pieces = [ready.popleft() for _ in range(len(ready))]
+                if not pieces:
+                    continue
+                failed = next((p.error for p in pieces if p.error is not None), None)
+                if failed is not None:
+                    raise failed if isinstance(failed, EngineError) else EngineFailure(failed)
+                yield Delta("".join(p.text for p in pieces), completion=pieces[-1].completion)
+                if pieces[-1].completion is not None:
                     return
         finally:
             request.cancel()  # no-op once finished

@@ -62,15 +62,49 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return (x * cos) + (_rotate_half(x) * sin)
 
 
-def project(module: nn.Module, table, x: torch.Tensor, adapter_index: torch.Tensor) -> torch.Tensor:
-    """module(x), plus each row's own LoRA delta when the module has adapters (see lora_rows.py)."""
+def _lora(out: torch.Tensor, table, x: torch.Tensor, adapter_index: torch.Tensor) -> torch.Tensor:
+    """out plus each row's own LoRA delta of x, when the projection has adapters (see lora_rows.py)."""
     if table is None:
-        return module(x)
+        return out
     a, b, owner = table
-    out = module.base_layer(x)
     keep = (adapter_index[:, None] == owner[None, :]).to(a.dtype)  # [rows, sum of ranks]
     low = (x.to(a.dtype) @ a.T) * keep[:, None, :]
     return out + (low @ b.T).to(out.dtype)
+
+
+def _base(module: nn.Module) -> nn.Module:
+    return getattr(module, "base_layer", module)
+
+
+def project(module: nn.Module, table, x: torch.Tensor, adapter_index: torch.Tensor) -> torch.Tensor:
+    return _lora(_base(module)(x), table, x, adapter_index)
+
+
+def _projections(x, fused, parts, tables, adapter_index, modules) -> list[torch.Tensor]:
+    """Several projections of the same x: one matmul over their concatenated weights when fused."""
+    if fused is None:
+        return [project(m, tables[n], x, adapter_index) for n, m in zip(parts, modules, strict=True)]
+    outs = F.linear(x, fused).split([m.weight.shape[0] for m in map(_base, modules)], dim=-1)
+    return [_lora(o, tables[n], x, adapter_index) for o, n in zip(outs, parts, strict=True)]
+
+
+def fuse_weights(modules: list[nn.Module]) -> torch.Tensor | None:
+    """One weight matrix for projections that read the same input (plain bias-free Linear layers),
+    the modules' own weights becoming views into it (no extra memory); None when they don't fit."""
+    bases = [_base(m) for m in modules]
+    if not all(type(b) is nn.Linear and b.bias is None for b in bases):
+        return None
+    fused = torch.cat([b.weight.data for b in bases])
+    start = 0
+    for b in bases:
+        rows = b.weight.shape[0]
+        b.weight.data = fused[start : start + rows]
+        start += rows
+    return fused
+
+
+QKV = ("q_proj", "k_proj", "v_proj")
+GATE_UP = ("gate_proj", "up_proj")
 
 
 def qkv(layer, tables, x, adapter_index, cos, sin, dims):
@@ -78,10 +112,11 @@ def qkv(layer, tables, x, adapter_index, cos, sin, dims):
     heads, kv_heads, head_dim, _ = dims
     rows, tokens = x.shape[:2]
     attn = layer.self_attn
-    q = project(attn.q_proj, tables["q_proj"], x, adapter_index).view(rows, tokens, heads, head_dim)
-    k = project(attn.k_proj, tables["k_proj"], x, adapter_index).view(rows, tokens, kv_heads, head_dim)
-    v = project(attn.v_proj, tables["v_proj"], x, adapter_index).view(rows, tokens, kv_heads, head_dim)
-    return _rope(q.transpose(1, 2), cos, sin), _rope(k.transpose(1, 2), cos, sin), v.transpose(1, 2)
+    q, k, v = _projections(x, tables["qkv"], QKV, tables, adapter_index, [attn.q_proj, attn.k_proj, attn.v_proj])
+    q = q.reshape(rows, tokens, heads, head_dim).transpose(1, 2)
+    k = k.reshape(rows, tokens, kv_heads, head_dim).transpose(1, 2)
+    v = v.reshape(rows, tokens, kv_heads, head_dim).transpose(1, 2)
+    return _rope(q, cos, sin), _rope(k, cos, sin), v
 
 
 def finish_layer(layer, tables, h, attended, adapter_index):
@@ -89,8 +124,7 @@ def finish_layer(layer, tables, h, attended, adapter_index):
     h = h + project(layer.self_attn.o_proj, tables["o_proj"], attended, adapter_index)
     x = layer.post_attention_layernorm(h)
     mlp = layer.mlp
-    gate = project(mlp.gate_proj, tables["gate_proj"], x, adapter_index)
-    up = project(mlp.up_proj, tables["up_proj"], x, adapter_index)
+    gate, up = _projections(x, tables["gate_up"], GATE_UP, tables, adapter_index, [mlp.gate_proj, mlp.up_proj])
     return h + project(mlp.down_proj, tables["down_proj"], mlp.act_fn(gate) * up, adapter_index)
 
 
@@ -135,8 +169,12 @@ class SlotDecoder:
         self.device, self.dtype = weight.device, weight.dtype
         self.lora = LoraRows(model, adapters, self.dtype)
         self.tables = [self.lora.layer_tables(layer) for layer in self.layers]
+        for layer, tables in zip(self.layers, self.tables, strict=True):
+            attn, mlp = layer.self_attn, layer.mlp
+            tables["qkv"] = fuse_weights([attn.q_proj, attn.k_proj, attn.v_proj])
+            tables["gate_up"] = fuse_weights([mlp.gate_proj, mlp.up_proj])
         self.dims = (self.heads, self.kv_heads, self.head_dim, self.scale)
-        self.decode_layer = decode_layer
+        self.decode_layer, self.qkv, self.finish_layer = decode_layer, qkv, finish_layer
         self.slots, self.slot_len = slots, slot_len
         # On CUDA the whole cache exists from the start (captured graphs hold its address); on CPU it
         # grows with the longest sequence, so a large max_context costs memory only when used.
@@ -173,8 +211,8 @@ class SlotDecoder:
         attend(layer index, q, k, v) -> [rows, tokens, heads*dim]."""
         cos, sin = self.inner.rotary_emb(h, positions)
         for i, (layer, tables) in enumerate(zip(self.layers, self.tables, strict=True)):
-            q, k, v = qkv(layer, tables, layer.input_layernorm(h), adapter_index, cos, sin, self.dims)
-            h = finish_layer(layer, tables, h, attend(i, q, k, v), adapter_index)
+            q, k, v = self.qkv(layer, tables, layer.input_layernorm(h), adapter_index, cos, sin, self.dims)
+            h = self.finish_layer(layer, tables, h, attend(i, q, k, v), adapter_index)
         return self.inner.norm(h)
 
     def _logits(self, last: torch.Tensor, pad_rows: int | None) -> torch.Tensor:
@@ -254,9 +292,12 @@ class SlotDecoder:
             )
         return self.lm_head(self.inner.norm(h)[:, 0]).float()
 
-    def compile_decode(self) -> None:
-        """Use a torch.compile'd decode layer (fused elementwise kernels; compiled once for all layers)."""
+    def compile(self) -> None:
+        """Use torch.compile'd layer pieces (fused elementwise kernels; compiled once for all layers):
+        the whole decode layer, and prefill's parts around its per-prompt attention."""
         self.decode_layer = torch.compile(decode_layer, dynamic=True)
+        self.qkv = torch.compile(qkv, dynamic=True)
+        self.finish_layer = torch.compile(finish_layer, dynamic=True)
 
     def move(self, source: int, target: int, length: int) -> None:
         """Copy the first `length` cached tokens of slot `source` into slot `target`."""

@@ -15,7 +15,7 @@ from .decoder import SlotDecoder
 
 GEMM_ROWS = 64  # CUDA: least rows in every decode matmul
 MIN_CONTEXT = 128  # CUDA: least cache columns attention reads
-PREFILL_TOKENS = 512  # CUDA: prompts packed and padded to this many tokens per prefill forward
+PREFILL_TOKENS = 256  # CUDA: shorter prompts run packed and padded to this many tokens; longer ones alone
 
 
 def _pow2(n: int) -> int:
@@ -32,7 +32,7 @@ class DecodeSteps:
         self.use_graphs = cuda if use_graphs is None else use_graphs
         self.padded = cuda if padded is None else padded
         if compile:
-            decoder.compile_decode()
+            decoder.compile()
         largest = self._gemm_rows(decoder.slots)
         self.ids = torch.zeros(largest, dtype=torch.long, device=decoder.device)
         self.positions = torch.zeros(largest, dtype=torch.long, device=decoder.device)

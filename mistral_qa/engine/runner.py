@@ -43,44 +43,74 @@ class StepRunner:
         self.eos_ids = eos_ids
         self.waiting: deque[Request] = deque()
         self.rows: list[Request] = []  # rows[i] is in cache slot i
+        self.in_flight: tuple[list[Request], torch.Tensor] | None = None  # a launched step: its rows, logits
 
     @property
     def running(self) -> int:
         return len(self.rows)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.rows)
+        return bool(self.waiting or self.rows or self.in_flight)
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
 
     @torch.inference_mode()
     def step(self) -> None:
+        """Collect the decode step in flight, launch the next one, and stream the collected tokens'
+        text while the GPU computes (a row that a stop string ends costs one wasted row-step)."""
         self._drop_cancelled()
+        collected = self._collect()
+        self._launch()
+        self._stream(collected)
         self._admit()
-        if not self.rows:
-            return
-        rows = self.rows
-        try:
-            logits = self.steps(
-                [r.token_ids[-1] for r in rows],
-                [self._cached(r) for r in rows],
-                [self._adapter(r) for r in rows],
-            )
-            tokens = next_tokens(logits, rows)
-        except Exception as err:  # a failed step fails its rows, never the engine
-            self._fail(rows, err)
-            self.rows = []
-            return
-        self._accept(0, tokens)
 
     @staticmethod
     def _cached(row: Request) -> int:
-        """Tokens of `row` in its cache slot (its newest token is fed next, at this position)."""
+        """Tokens of `row` in its cache slot before the step that feeds its newest token."""
         return row.prompt_tokens + len(row.token_ids) - 1
 
     def _adapter(self, row: Request) -> int:
         return self.adapter_index.get(row.adapter, -1)
+
+    def _launch(self) -> None:
+        if not self.rows:
+            return
+        rows = list(self.rows)
+        try:
+            logits = self.steps(
+                [r.token_ids[-1] for r in rows], [self._cached(r) for r in rows], [self._adapter(r) for r in rows]
+            )
+        except Exception as err:  # a failed step fails its rows, never the engine
+            self._fail(rows, err)
+            self.rows = []
+            return
+        self.in_flight = (rows, logits)
+
+    def _collect(self) -> list[tuple[Request, str | None]]:
+        """Wait for the step in flight; give each still-running row its token. Rows that EOS or a
+        length limit ends leave now, before the next launch. Returns (row, finish reason or None)."""
+        if self.in_flight is None:
+            return []
+        rows, logits = self.in_flight
+        self.in_flight = None
+        try:
+            tokens = next_tokens(logits, rows)
+        except Exception as err:
+            self._fail(self.rows, err)
+            self.rows = []
+            return []
+        running = {id(r) for r in self.rows}
+        collected = [
+            (row, self._append(row, token)) for row, token in zip(rows, tokens, strict=True) if id(row) in running
+        ]
+        ended = {id(row) for row, finish in collected if finish is not None}
+        self._remove([i for i, row in enumerate(self.rows) if id(row) in ended])
+        return collected
+
+    def _stream(self, collected: list[tuple[Request, str | None]]) -> None:
+        ended = {id(row) for row, finish in collected if self._emit(row, finish)}
+        self._remove([i for i, row in enumerate(self.rows) if id(row) in ended])
 
     def _admit(self) -> None:
         chosen: list[Request] = []
@@ -108,32 +138,38 @@ class StepRunner:
             self._fail(requests, err)
             return
         self.rows.extend(requests)
-        self._accept(first, tokens)
-
-    def _accept(self, first: int, tokens: list[int]) -> None:
-        """Give rows first.. their new tokens; finished rows leave."""
-        finished = [first + i for i, token in enumerate(tokens) if self._advance(self.rows[first + i], token)]
-        self._remove(finished)
+        ended = [
+            first + i
+            for i, (r, t) in enumerate(zip(requests, tokens, strict=True))
+            if self._emit(r, self._append(r, t))
+        ]
+        self._remove(ended)
 
     def _remove(self, indices: list[int]) -> None:
-        """Drop these rows, moving the last running row into each freed slot."""
+        """Drop these rows, moving the last running row into each freed slot (with the token a step
+        in flight may be writing for it)."""
         for i in sorted(indices, reverse=True):
             last = self.rows.pop()
             if i < len(self.rows):
-                self.decoder.move(len(self.rows), i, self._cached(last))
+                self.decoder.move(len(self.rows), i, min(self._cached(last) + 1, self.max_context))
                 self.rows[i] = last
 
-    def _advance(self, row: Request, token: int) -> bool:
-        """Record one token; returns whether the row has finished."""
+    def _append(self, row: Request, token: int) -> str | None:
+        """Record one token; the finish reason it brings (EOS, max_tokens, the context), if any."""
         row.token_ids.append(token)
         if row.first_token_at is None:
             row.first_token_at = time.monotonic()
+        if token in self.eos_ids:
+            return "stop"
+        if len(row.token_ids) >= row.params.max_tokens or row.prompt_tokens + len(row.token_ids) >= self.max_context:
+            return "length"
+        return None
+
+    def _emit(self, row: Request, finish: str | None) -> bool:
+        """Stream the row's new text; returns whether it has finished (`finish`, or a stop string)."""
         piece, stopped = row.text.push(row.token_ids)
-        finish = None
-        if stopped or token in self.eos_ids:
+        if stopped:
             finish = "stop"
-        elif len(row.token_ids) >= row.params.max_tokens or row.prompt_tokens + len(row.token_ids) >= self.max_context:
-            finish = "length"
         if finish is None:
             if piece:
                 row.on_delta(Delta(piece))
@@ -158,6 +194,7 @@ class StepRunner:
         self._fail([*self.waiting, *self.rows], err)
         self.waiting.clear()
         self.rows = []
+        self.in_flight = None
 
 
 def prefill_chunks(requests: list[Request], chunk_tokens: int) -> Iterable[list[Request]]:

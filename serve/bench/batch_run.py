@@ -1,0 +1,89 @@
+"""The real batch job, `python -m batch`, run as its own process (entrypoints never import each
+other) on this benchmark's Ray instance, then its Parquet output counted."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def job_overrides(model_name: str, actors: int, gpus_per_actor: float, engine: dict, max_tokens: int) -> list[str]:
+    """Overrides that turn a shipped batch config into this benchmark's run (random base, no adapter)."""
+    return [
+        "model.source=random",
+        f"model.name={model_name}",
+        "adapter=null",
+        "engine.merge_adapter=false",
+        f"engine.device={'auto' if gpus_per_actor else 'cpu'}",
+        f"engine.dtype={engine['dtype']}",
+        f"engine.max_batch_size={engine['max_batch_size']}",
+        f"engine.max_context={engine['max_context']}",
+        f"compute.batch_size={4 * engine['max_batch_size']}",  # freed slots refill within an engine call
+        f"generation.max_tokens={max_tokens}",
+        f"compute.num_actors={actors}",
+        f"compute.max_actors={actors}",
+        f"compute.num_gpus_per_actor={gpus_per_actor}",
+        "output.mode=overwrite",
+    ]
+
+
+def read_output(folder: Path) -> dict:
+    """Rows, distinct ids, error rows and output tokens in the job's visible Parquet files."""
+    table = pads.dataset(str(folder), format="parquet").to_table(columns=["id", "completion_tokens", "error"])
+    return {
+        "rows_written": table.num_rows,
+        "distinct_ids": len(pc.unique(table["id"])),
+        "error_rows": table.num_rows - table["error"].null_count,
+        "output_tokens": int(pc.sum(table["completion_tokens"]).as_py() or 0),
+    }
+
+
+def run_batch_job(
+    config: Path,
+    questions: Path,
+    output: Path,
+    overrides: list[str],
+    ray_address: str | None,
+    log_path: Path,
+    timeout_s: float,
+) -> dict:
+    command = [
+        sys.executable,
+        "-m",
+        "batch",
+        "--config",
+        str(config),
+        "--input",
+        str(questions),
+        "--output",
+        str(output),
+        *overrides,
+    ]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    if ray_address:
+        env["RAY_ADDRESS"] = ray_address  # join this benchmark's Ray instance, never another on the machine
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s)
+    process_wall = time.perf_counter() - start
+    text = log_path.read_text(errors="replace")
+    if proc.returncode != 0:
+        raise RuntimeError(f"python -m batch exited with {proc.returncode}; log {log_path}:\n{text[-3000:]}")
+    summary = text[text.rfind("batch summary") :] if "batch summary" in text else ""
+    job_wall = re.search(r"wall time:\s+([0-9.]+) s", summary)
+    return {
+        "command": f"python -m batch --config {os.path.relpath(config, ROOT)} " + " ".join(overrides),
+        "process_wall_s": process_wall,
+        "job_wall_s": float(job_wall.group(1)) if job_wall else process_wall,
+        "summary": summary.strip().splitlines()[1:],
+        **read_output(output),
+    }

@@ -1,0 +1,170 @@
+"""The benchmark's one table, built from the phases' results: printed, and written as JSON and markdown."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ORDER = ("hf", "engine", "serve", "adapters", "batch")
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:,.2f}" if abs(value) < 100 else f"{value:,.0f}"
+    return str(value)
+
+
+def _mem(value) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, list):
+        return " / ".join(f"{v:.1f}" for v in value) + " (per GPU, nvidia-smi)"
+    return f"{value:.1f}"
+
+
+def hf_rows(r: dict) -> list[tuple]:
+    n = r.get("new_tokens")
+    b1, bb, cb = r.get("batch1", {}), r.get("batch", {}), r.get("continuous", {})
+    rows = [
+        ("generate, batch 1: decode", b1.get("decode_ms_per_token"), "ms/token", f"{n} new tokens, greedy"),
+        ("generate, batch 1: TTFT", b1.get("ttft_ms"), "ms", f"{b1.get('prompt_tokens')}-token prompt"),
+        (f"generate, batch {bb.get('batch')}", bb.get("tok_s"), "tok/s", f"{n} new tokens each, left-padded"),
+    ]
+    if "skipped" in cb:
+        rows.append(("generate_batch (continuous batching)", None, "tok/s", cb["skipped"]))
+    elif cb:
+        if cb.get("generation_s"):
+            note = f"{cb['output_tokens']} tokens; whole call incl. warm-up {cb['tok_s_whole_call']:.0f} tok/s"
+        else:
+            note = f"{cb['output_tokens']} tokens; timed over the whole call, warm-up included"
+        note += f"; {cb['failed']} requests FAILED" if cb["failed"] else ""
+        rows.append((f"generate_batch, {cb['requests']} requests", cb.get("tok_s"), "tok/s", note))
+    return rows
+
+
+def engine_rows(r: dict) -> list[tuple]:
+    s = r["single"]
+    shape = f"{s['prompt_tokens']}-token prompt, {s['output_tokens']} tokens, median of {s['repeats']}"
+    return [
+        ("single stream: decode (first to last token)", s["decode_ms_per_token"], "ms/token", shape),
+        ("single stream: TTFT", s["ttft_ms"], "ms", "submit to first token"),
+    ]
+
+
+def serve_rows(r: dict) -> list[tuple]:
+    c, single = r["correctness"], r["single_request"]
+    load = f"{r['concurrency']} clients, {r['requests']} requests, streamed"
+    return [
+        (
+            f"HTTP output throughput ({load})",
+            r["tok_s"],
+            "tok/s",
+            f"{r['output_tokens']} tokens in {r['wall_s']:.1f} s",
+        ),
+        ("HTTP TTFT p50", r["ttft_p50_ms"], "ms", "client-side, first answer text"),
+        ("HTTP TTFT p99", r["ttft_p99_ms"], "ms", None),
+        ("HTTP inter-token p50", r["inter_token_p50_ms"], "ms/token", "(latency - TTFT) / (tokens - 1)"),
+        ("HTTP single request alone: TTFT p50", single["ttft_p50_ms"], "ms", None),
+        ("HTTP single request alone: inter-token p50", single["inter_token_p50_ms"], "ms/token", None),
+        (
+            "answers equal the prompt's answer alone",
+            f"{c['matching']}/{c['checked']}",
+            "PASS" if c["passed"] else "FAIL",
+            f"failed requests: {r['failed']}",
+        ),
+    ]
+
+
+def adapter_rows(r: dict) -> list[tuple]:
+    runs, checks = r["runs"], r["checks"]
+    shape = f"batch {r['batch']}, {r['max_tokens']} tokens"
+    return [
+        ("bare base", runs["base"]["tok_s"], "tok/s", shape),
+        ("adapter a merged", runs["a merged"]["tok_s"], "tok/s", f"{r['merged_vs_base_pct']:+.1f}% vs bare base"),
+        ("adapter a (unmerged LoRA)", runs["a"]["tok_s"], "tok/s", f"{r['unmerged_vs_base_pct']:+.1f}% vs bare base"),
+        (
+            "a and b mixed in one batch",
+            runs["a+b mixed"]["tok_s"],
+            "tok/s",
+            f"{r['mixed_vs_single_adapter_pct']:+.1f}% vs all on a",
+        ),
+        ("base rows on the LoRA engine", runs["base rows"]["tok_s"], "tok/s", None),
+        (
+            "mixed batch: a rows equal the all-a answers",
+            f"{checks['mixed_a_rows_equal_all_a']}/{checks['mixed_a_rows']}",
+            None,
+            f"adapter a changed {checks['adapter_changes_answers']}/{r['batch']} answers vs base",
+        ),
+    ]
+
+
+def batch_rows(r: dict) -> list[tuple]:
+    rows = []
+    for run in r["runs"]:
+        who = f"{run['actors']} actor(s) x {run['gpus_per_actor']:g} GPU"
+        rows += [
+            (f"{who}: output throughput", run["tok_s"], "tok/s", f"{run['output_tokens']} tokens, job wall time"),
+            (f"{who}: per GPU", run.get("tok_s_per_gpu"), "tok/s", None),
+            (f"{who}: wall time", run["job_wall_s"], "s", f"process incl. start-up {run['process_wall_s']:.0f} s"),
+            (
+                f"{who}: rows written",
+                f"{run['rows_written']}/{r['questions']}",
+                None,
+                f"{run['error_rows']} error rows, {run['distinct_ids']} distinct ids",
+            ),
+        ]
+    return rows
+
+
+ROWS = {"hf": hf_rows, "engine": engine_rows, "serve": serve_rows, "adapters": adapter_rows, "batch": batch_rows}
+
+
+def table_rows(phases: dict) -> list[dict]:
+    """One row per figure: phase, metric, value, unit, note (peak memory and phase time last)."""
+    out = []
+    for phase in ORDER:
+        result = phases.get(phase)
+        if result is None:
+            continue
+        if "error" in result:
+            out.append(dict(phase=phase, metric="FAILED", value=None, unit=None, note=result["error"][:200]))
+            continue
+        for metric, value, unit, note in ROWS[phase](result):
+            out.append(dict(phase=phase, metric=metric, value=value, unit=unit, note=note))
+        peak = _mem(result.get("peak_gpu_gib"))
+        out.append(
+            dict(
+                phase=phase,
+                metric="peak GPU memory",
+                value=peak,
+                unit="GiB" if peak else None,
+                note=result.get("peak_note"),
+            )
+        )
+        out.append(dict(phase=phase, metric="phase time", value=result.get("phase_s"), unit="s", note=None))
+    return out
+
+
+def render(rows: list[dict], markdown: bool) -> str:
+    cells = [["phase", "metric", "value", "unit", "note"]]
+    cells += [[r["phase"], r["metric"], _fmt(r["value"]), r["unit"] or "", r["note"] or ""] for r in rows]
+    if markdown:
+        lines = ["| " + " | ".join(c) + " |" for c in cells]
+        lines.insert(1, "|" + "---|" * len(cells[0]))
+        return "\n".join(lines)
+    widths = [max(len(c[i]) for c in cells) for i in range(4)]
+    return "\n".join("  ".join(c[i].ljust(widths[i]) if i < 4 else c[i] for i in range(5)).rstrip() for c in cells)
+
+
+def write_outputs(report: dict, json_out: Path | None, md_out: Path | None) -> None:
+    report["table"] = table_rows(report["phases"])
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(report, indent=2, default=str))
+    if md_out:
+        md_out.parent.mkdir(parents=True, exist_ok=True)
+        meta = report["meta"]
+        head = f"Benchmark: {meta.get('model')} on {meta.get('gpu_name') or 'CPU'} ({meta.get('gpus')} GPU(s))"
+        md_out.write_text(f"{head}\n\n{render(report['table'], markdown=True)}\n")

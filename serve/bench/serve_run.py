@@ -1,0 +1,116 @@
+"""The real Ray Serve app (serve.app's ChatServer, as `python -m serve` deploys it) under load over
+HTTP: each distinct prompt alone first (the reference answers, and single-request latency), one
+warm-up wave, then a closed loop of C streaming clients; every answer must equal its prompt's
+answer when it ran alone."""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+
+from .loadgen import LoadResult, StreamResult, closed_loop, summarize
+from .workload import BenchPrompt
+
+APP_NAME = "mistral-qa-bench"
+MODEL = "base"
+
+
+def deploy(app_args: dict, port: int, concurrency: int, num_gpus: float) -> str:
+    """Start Serve on `port` and deploy the app; returns its URL once /health answers."""
+    from ray import serve
+
+    from serve.app import ChatServer, EngineLoader, load_settings
+
+    settings = load_settings(app_args)  # the same validation build_app does
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    # As `python -m serve --config` does: build_app's deployment with the GPU variant's options.
+    app = ChatServer.options(
+        ray_actor_options={"num_cpus": 1, "num_gpus": num_gpus},
+        max_ongoing_requests=max(80, concurrency + 16),
+        max_queued_requests=max(128, 2 * concurrency),
+    ).bind(EngineLoader(settings.engine), settings)
+    serve.run(app, name=APP_NAME, route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    wait_until_healthy(url)
+    return url
+
+
+def wait_until_healthy(url: str, timeout_s: float = 900) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{url}/health did not answer within {timeout_s:.0f} s")
+
+
+def chat_body(prompt: BenchPrompt, max_tokens: int) -> dict:
+    return {
+        "model": MODEL,
+        "messages": prompt.messages,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+
+
+def check_against_reference(load: LoadResult, reference: list[StreamResult], n_prompts: int) -> dict:
+    """Every answer must be its prompt's reference answer: same text, token count and finish reason."""
+    mismatches = []
+    for r in load.results:
+        ref = reference[r.index % n_prompts]
+        same = r.ok and (r.text, r.completion_tokens, r.finish_reason) == (
+            ref.text,
+            ref.completion_tokens,
+            ref.finish_reason,
+        )
+        if not same:
+            mismatches.append(
+                {
+                    "request": r.index,
+                    "prompt": r.index % n_prompts,
+                    "tokens": r.completion_tokens,
+                    "reference_tokens": ref.completion_tokens,
+                    "error": r.error,
+                }
+            )
+    return {
+        "checked": len(load.results),
+        "matching": len(load.results) - len(mismatches),
+        "passed": not mismatches and len(load.results) > 0,
+        "first_mismatches": mismatches[:5],
+    }
+
+
+def run_serve_load(
+    url: str, prompts: list[BenchPrompt], requests: int, concurrency: int, max_tokens: int, warmup: int, log
+) -> dict:
+    endpoint = f"{url}/v1/chat/completions"
+    bodies = [chat_body(p, max_tokens) for p in prompts]
+    alone = closed_loop(endpoint, bodies, concurrency=1)
+    if any(not r.ok for r in alone.results):
+        raise RuntimeError(f"reference requests failed: {[r.error for r in alone.results if not r.ok][:3]}")
+    single = summarize(alone)
+    log(
+        f"serve reference: {len(prompts)} prompts alone, TTFT p50 {single['ttft_p50_ms']:.1f} ms, "
+        f"{single['inter_token_p50_ms']} ms/token"
+    )
+    if warmup:  # the first full batch captures the engine's larger CUDA graphs
+        closed_loop(endpoint, [bodies[i % len(bodies)] for i in range(warmup)], concurrency)
+        log(f"serve warm-up: {warmup} requests")
+    load = closed_loop(endpoint, [bodies[i % len(bodies)] for i in range(requests)], concurrency)
+    stats = summarize(load)
+    stats["correctness"] = check_against_reference(load, alone.results, len(prompts))
+    stats["single_request"] = {k: single[k] for k in ("ttft_p50_ms", "inter_token_p50_ms", "latency_p50_s")}
+    return stats
+
+
+def shutdown() -> None:
+    from ray import serve
+
+    serve.shutdown()

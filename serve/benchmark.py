@@ -1,0 +1,334 @@
+"""One benchmark run, one card, one table: plain transformers baselines, the engine in process, the
+engine behind the real Ray Serve HTTP endpoint under concurrent streaming clients, LoRA adapter costs,
+and the real Ray Data batch job, all on the same random-weight model.
+
+    python -m serve.benchmark --json-out results.json --md-out results.md            # Mistral-7B shape, GPU
+    python -m serve.benchmark --phases engine,serve --concurrency 32 --requests 128
+    python -m serve.benchmark --model-name tiny-mistral --device cpu --concurrency 4 --requests 8 \
+        --max-tokens 16 --hf-new-tokens 8 --batch-questions 40 --batch-gpus 0         # a CPU smoke run
+
+Phases run in this order: engine, adapters, serve, batch, hf (the baselines last: they are the
+slowest and least important figures); the table lists them as hf, engine, serve, adapters, batch.
+Each phase frees its GPU memory before the next, prints progress as it goes, and the JSON is
+rewritten after every phase, so a cut-off run still leaves its figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+from .bench import gpu
+from .bench.report import render, table_rows, write_outputs
+
+ROOT = Path(__file__).resolve().parents[1]
+PHASES = ("engine", "adapters", "serve", "batch", "hf")  # the order they run in
+DEFAULT_ALPACA = ROOT.parent / "shared" / "data" / "alpaca_en_demo.json"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m serve.benchmark", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--phases", default=",".join(PHASES), help="comma-separated subset of " + ",".join(PHASES))
+    p.add_argument(
+        "--model-name",
+        default="mistral-7b",
+        choices=["mistral-7b", "tiny-mistral"],
+        help="random-weight shape (model.source=random, real Mistral tokenizer)",
+    )
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"])
+    p.add_argument("--max-batch-size", type=int, default=64, help="engine.max_batch_size everywhere")
+    p.add_argument("--max-context", type=int, default=1024, help="engine.max_context everywhere")
+    p.add_argument("--prompt-tokens", type=int, default=256, help="length of each distinct prompt (tokens)")
+    p.add_argument("--max-tokens", type=int, default=256, help="new tokens per request (engine, serve, adapters)")
+    p.add_argument("--distinct-prompts", type=int, default=16, help="distinct prompts, reused across requests")
+    p.add_argument("--single-repeats", type=int, default=3, help="timed single-stream runs (median reported)")
+    p.add_argument("--hf-new-tokens", type=int, default=64, help="new tokens per HF baseline request")
+    p.add_argument("--hf-batch", type=int, default=32, help="batch of the HF model.generate baseline")
+    p.add_argument("--hf-cb-requests", type=int, default=64, help="requests for HF generate_batch (0: skip)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port of the benchmark's Serve app")
+    p.add_argument("--concurrency", type=int, default=64, help="closed-loop HTTP clients")
+    p.add_argument("--requests", type=int, default=256, help="HTTP requests in the timed load")
+    p.add_argument("--serve-warmup", type=int, default=None, help="warm-up HTTP requests (default: --concurrency)")
+    p.add_argument("--adapter-batch", type=int, default=32, help="requests per batch in the adapter phase")
+    p.add_argument(
+        "--alpaca", type=Path, default=DEFAULT_ALPACA, help="Alpaca JSON whose instructions feed the batch job"
+    )
+    p.add_argument("--batch-questions", type=int, default=2000, help="questions for the batch job")
+    p.add_argument("--batch-max-tokens", type=int, default=256, help="generation.max_tokens of the batch job")
+    p.add_argument("--batch-gpus", type=float, default=1, help="compute.num_gpus_per_actor (0: CPU actors)")
+    p.add_argument(
+        "--batch-max-batch-size", type=int, default=256, help="the batch job's engine.max_batch_size (throughput)"
+    )
+    p.add_argument("--batch-actors", default="auto", help="comma-separated actor counts; auto: 1, and 2 with 2+ GPUs")
+    p.add_argument(
+        "--batch-config",
+        type=Path,
+        default=None,
+        help="batch YAML (default: batch/configs/mistral7b.yaml, or tiny.yaml for tiny-mistral)",
+    )
+    p.add_argument("--batch-timeout", type=float, default=1800, help="seconds one batch job may take")
+    p.add_argument(
+        "--work-dir", type=Path, default=None, help="adapters, questions, answers, logs (default: a temp dir)"
+    )
+    p.add_argument("--json-out", type=Path, default=None, help="write the results (and the table) as JSON")
+    p.add_argument("--md-out", type=Path, default=None, help="write the table as markdown")
+    args = p.parse_args(argv)
+    args.phases = [x.strip() for x in args.phases.split(",") if x.strip()]
+    unknown = sorted(set(args.phases) - set(PHASES))
+    if unknown:
+        p.error(f"--phases: unknown {unknown}; choose from {','.join(PHASES)}")
+    if args.serve_warmup is None:
+        args.serve_warmup = args.concurrency
+    return args
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+class Bench:
+    """The run's shared state: model config, prompts, Ray (started on first need), the report."""
+
+    def __init__(self, args: argparse.Namespace, work: Path):
+        from mistral_qa.config import ModelConfig
+        from mistral_qa.model import load_tokenizer
+
+        from .bench.workload import bench_prompts, token_counter
+
+        self.args, self.work = args, work
+        self.model_cfg = ModelConfig(source="random", name=args.model_name)
+        self.tokenizer = load_tokenizer(self.model_cfg)
+        self.prompts = bench_prompts(token_counter(self.tokenizer), args.distinct_prompts, args.prompt_tokens)
+        self.cuda = args.device != "cpu" and gpu.cuda_available()
+        self.ray_started = False
+        self.report = {"meta": self._meta(), "phases": {}}
+
+    def _meta(self) -> dict:
+        a = self.args
+        return {
+            "model": f"random {a.model_name} (model.source=random, real Mistral tokenizer)",
+            **gpu.device_info(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "engine": self.engine_settings(),
+            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
+        }
+
+    def engine_settings(self) -> dict:
+        a = self.args
+        return {"device": a.device, "dtype": a.dtype, "max_batch_size": a.max_batch_size, "max_context": a.max_context}
+
+    def engine_config(self):
+        from mistral_qa.engine import EngineConfig
+
+        return EngineConfig(model=self.model_cfg, **self.engine_settings())
+
+    def ray_address(self) -> str:
+        import ray
+
+        if not ray.is_initialized():
+            pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+            env = {"PYTHONPATH": pythonpath, "TOKENIZERS_PARALLELISM": "false"}
+            if os.environ.get("MISTRAL_QA_CACHE"):
+                env["MISTRAL_QA_CACHE"] = os.environ["MISTRAL_QA_CACHE"]
+            # address="local": a fresh instance of our own, never a cluster someone else runs on this machine.
+            ray.init(
+                address="local",
+                num_cpus=max(4, os.cpu_count() or 1),
+                include_dashboard=False,
+                log_to_driver=False,
+                runtime_env={"env_vars": env},
+            )
+            self.ray_started = True
+        return ray.get_runtime_context().gcs_address
+
+    def close(self) -> None:
+        if self.ray_started:
+            import ray
+
+            ray.shutdown()
+            self.ray_started = False
+
+
+def phase_engine(b: Bench) -> dict:
+    from mistral_qa.engine import Engine
+
+    from .bench.engine_runs import single_stream
+
+    a = b.args
+    with gpu.TorchPeak() as peak:
+        start = time.perf_counter()
+        engine = Engine(b.engine_config())
+        load_s = time.perf_counter() - start
+        try:
+            single = single_stream(engine, b.prompts[0].prompt, a.max_tokens, a.single_repeats)
+        finally:
+            engine.close()
+            del engine
+        return {
+            "single": single,
+            "load_s": load_s,
+            "peak_gpu_gib": peak.read(),
+            "peak_note": "torch max_memory_allocated (weights + KV cache slots)",
+        }
+
+
+def phase_adapters(b: Bench) -> dict:
+    from .bench.adapters import run_adapter_costs
+
+    a = b.args
+    with gpu.TorchPeak() as peak:
+        result = run_adapter_costs(
+            b.engine_config(), [p.prompt for p in b.prompts], a.adapter_batch, a.max_tokens, b.work / "adapters", log
+        )
+        return {**result, "peak_gpu_gib": peak.read(), "peak_note": "torch, the largest of the three engines"}
+
+
+def phase_serve(b: Bench) -> dict:
+    from .bench import serve_run
+
+    a = b.args
+    b.ray_address()
+    app_args = {
+        "engine": {"model": b.model_cfg.model_dump(), **b.engine_settings()},
+        "default_max_tokens": a.max_tokens,
+        "max_pending": max(64, 2 * a.concurrency),
+    }
+    with gpu.SmiPeak() as peak:
+        try:
+            url = serve_run.deploy(app_args, a.port, a.concurrency, num_gpus=1 if b.cuda else 0)
+            log(f"serve: app up at {url}")
+            result = serve_run.run_serve_load(
+                url, b.prompts, a.requests, a.concurrency, a.max_tokens, a.serve_warmup, log
+            )
+        finally:
+            serve_run.shutdown()
+    return {**result, "peak_gpu_gib": peak.read(), "peak_note": "whole card incl. this process's CUDA context"}
+
+
+def batch_actor_counts(b: Bench) -> list[int]:
+    a = b.args
+    if a.batch_actors != "auto":
+        return [int(x) for x in a.batch_actors.split(",")]
+    gpus = gpu.device_info()["gpus"] if b.cuda else 0
+    return [1, 2] if a.batch_gpus > 0 and gpus >= 2 * a.batch_gpus else [1]
+
+
+def phase_batch(b: Bench) -> dict:
+    from .bench.batch_run import job_overrides, run_batch_job
+    from .bench.workload import write_alpaca_questions
+
+    a = b.args
+    questions = b.work / "questions.jsonl"
+    write_alpaca_questions(a.alpaca, a.batch_questions, questions)
+    config = a.batch_config or ROOT / "batch" / "configs" / (
+        "tiny.yaml" if a.model_name == "tiny-mistral" else "mistral7b.yaml"
+    )
+    address = b.ray_address()
+    runs = []
+    with gpu.SmiPeak() as peak:
+        for actors in batch_actor_counts(b):
+            engine = {**b.engine_settings(), "max_batch_size": a.batch_max_batch_size}
+            overrides = job_overrides(a.model_name, actors, a.batch_gpus, engine, a.batch_max_tokens)
+            out = b.work / f"answers-{actors}"
+            log(f"batch: {actors} actor(s), {a.batch_questions} questions ...")
+            run = run_batch_job(
+                config, questions, out, overrides, address, b.work / f"batch-{actors}.log", a.batch_timeout
+            )
+            gpus_used = actors * a.batch_gpus
+            run.update(actors=actors, gpus_per_actor=a.batch_gpus, tok_s=run["output_tokens"] / run["job_wall_s"])
+            run["tok_s_per_gpu"] = run["tok_s"] / gpus_used if gpus_used else None
+            runs.append(run)
+            log(
+                f"batch: {actors} actor(s): {run['tok_s']:.1f} tok/s, {run['rows_written']} rows, {run['job_wall_s']:.1f} s"
+            )
+    return {
+        "questions": a.batch_questions,
+        "runs": runs,
+        "peak_gpu_gib": peak.read(),
+        "peak_note": "whole card, all runs of this phase",
+    }
+
+
+def phase_hf(b: Bench) -> dict:
+    import torch
+
+    from .bench.hf_baselines import run_hf_baselines
+
+    a = b.args
+    device = torch.device("cuda" if b.cuda else "cpu")
+    with gpu.TorchPeak() as peak:
+        result = run_hf_baselines(
+            b.model_cfg,
+            b.tokenizer,
+            [p.prompt for p in b.prompts],
+            device,
+            a.dtype,
+            a.hf_new_tokens,
+            a.hf_batch,
+            a.hf_cb_requests,
+            log,
+        )
+        return {**result, "peak_gpu_gib": peak.read(), "peak_note": "torch max_memory_allocated"}
+
+
+RUNNERS = {
+    "engine": phase_engine,
+    "adapters": phase_adapters,
+    "serve": phase_serve,
+    "batch": phase_batch,
+    "hf": phase_hf,
+}
+
+
+def run_phase(b: Bench, name: str) -> bool:
+    log(f"phase {name}: start")
+    start = time.perf_counter()
+    try:
+        result = RUNNERS[name](b)
+        ok = True
+    except Exception as err:  # one failed phase must not lose the others' figures
+        traceback.print_exc()
+        result, ok = {"error": f"{type(err).__name__}: {err}"}, False
+    gpu.free_memory()
+    result["phase_s"] = time.perf_counter() - start
+    b.report["phases"][name] = result
+    write_outputs(b.report, b.args.json_out, b.args.md_out)
+    log(f"phase {name}: {'done' if ok else 'FAILED'} in {result['phase_s']:.1f} s")
+    return ok
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="mistral-qa-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    bench = Bench(args, work)
+    log(f"benchmark of {bench.report['meta']['model']} on {bench.report['meta']['gpu_name'] or 'CPU'}; work dir {work}")
+    failed = []
+    try:
+        for name in PHASES:
+            if name in args.phases:
+                if not run_phase(bench, name):
+                    failed.append(name)
+            if name == "batch":
+                bench.close()  # Ray is done with: the HF baselines run alone
+    finally:
+        bench.close()
+    bench.report["meta"]["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    write_outputs(bench.report, args.json_out, args.md_out)
+    print("\n" + render(table_rows(bench.report["phases"]), markdown=False), flush=True)
+    if failed:
+        print(f"\nfailed phases: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
