@@ -46,6 +46,12 @@ class ServeSettings(StrictModel):
     max_pending: int = Field(
         64, ge=1, description="Requests a replica's engine holds (running + waiting); more get 429."
     )
+    stream_interval_ms: float = Field(
+        40,
+        ge=0,
+        description="Streaming: least time between two messages of one answer (tokens in between are "
+        "sent together); 0 sends every token at once. Keeps the HTTP proxy up with many concurrent streams.",
+    )
 
 
 def sse(payload: dict | str) -> str:
@@ -153,7 +159,7 @@ class OpenAIService:
         return TextCompletion(id=new_id("cmpl"), created=now(), model=body.model, choices=[choice], usage=usage(c))
 
     async def _deltas(self, request: Request, model: str) -> AsyncIterator[tuple[str, Completion | None]]:
-        async for delta in self.engine.stream(request):
+        async for delta in self.engine.stream(request, self.settings.stream_interval_ms / 1000):
             if delta.completion is not None:
                 self._finished(request, model, delta.completion)
             yield delta.text, delta.completion

@@ -69,6 +69,10 @@ def test_bad_combinations_are_rejected():
         load_config(TrainJobConfig, None, ["training.max_steps=5", "optim.warmup_steps=5"])
     with pytest.raises(ConfigError, match="not of the form"):
         load_config(TrainJobConfig, None, ["training.max_steps"])
+    with pytest.raises(ConfigError, match="batch_tokens must be at least data.max_length"):
+        load_config(TrainJobConfig, None, ["data.max_length=512", "training.batch_tokens=500"])
+    with pytest.raises(ConfigError, match="compile is not supported with training.deepspeed"):
+        load_config(TrainJobConfig, None, ["training.compile=true", "training.deepspeed={stage: 2}"])
 
 
 def test_missing_file_is_a_clear_error():

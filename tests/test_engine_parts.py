@@ -107,8 +107,9 @@ def test_text_stream_releases_a_false_alarm():
 
 def test_text_stream_waits_for_whole_characters():
     stream = TextStream(CharTokenizer(), [])
-    assert stream.push([ord("a"), 0xFFFD]) == ("a", False)
-    assert stream.push([ord("a"), ord("é")]) == ("é", False)
+    assert stream.push([ord("a"), 0xFFFD]) == ("", False)  # the last character's bytes are still coming
+    assert stream.push([ord("a"), ord("é")]) == ("aé", False)
+    assert stream.push([ord("a"), ord("é"), ord("b")]) == ("b", False)
 
 
 def test_text_stream_trims_trailing_whitespace():

@@ -105,6 +105,7 @@ def positive(x) -> bool:
     return isinstance(x, (int, float)) and x > 0 and math.isfinite(x)
 
 
+@pytest.mark.slow  # one whole tiny run of every phase (~1.5-3 min)
 def test_benchmark_reports_every_phase(tiny_benchmark):
     report, markdown, stdout = tiny_benchmark
     phases = report["phases"]
@@ -117,6 +118,7 @@ def test_benchmark_reports_every_phase(tiny_benchmark):
         assert f"\n{name} " in stdout  # the printed table
 
 
+@pytest.mark.slow  # one whole tiny run of every phase (~1.5-3 min)
 def test_hf_and_engine_figures(tiny_benchmark):
     hf, engine = tiny_benchmark[0]["phases"]["hf"], tiny_benchmark[0]["phases"]["engine"]
     assert positive(hf["batch1"]["decode_ms_per_token"]) and positive(hf["batch1"]["ttft_ms"])
@@ -130,6 +132,7 @@ def test_hf_and_engine_figures(tiny_benchmark):
     assert positive(single["decode_ms_per_token"]) and positive(single["ttft_ms"])
 
 
+@pytest.mark.slow  # one whole tiny run of every phase (~1.5-3 min)
 def test_serve_figures_and_answers_equal_their_answer_alone(tiny_benchmark):
     serve = tiny_benchmark[0]["phases"]["serve"]
     assert serve["correctness"]["passed"] and serve["correctness"]["matching"] == 8
@@ -140,6 +143,7 @@ def test_serve_figures_and_answers_equal_their_answer_alone(tiny_benchmark):
     assert "| answers equal the prompt's answer alone | 8/8 | PASS |" in tiny_benchmark[1]
 
 
+@pytest.mark.slow  # one whole tiny run of every phase (~1.5-3 min)
 def test_adapter_figures(tiny_benchmark):
     adapters = tiny_benchmark[0]["phases"]["adapters"]
     assert set(adapters["runs"]) == {"base", "a", "a+b mixed", "base rows", "a merged"}
@@ -151,6 +155,7 @@ def test_adapter_figures(tiny_benchmark):
     assert checks["adapter_changes_answers"] > 0  # the random adapter is really applied
 
 
+@pytest.mark.slow  # one whole tiny run of every phase (~1.5-3 min)
 def test_batch_job_figures(tiny_benchmark):
     batch = tiny_benchmark[0]["phases"]["batch"]
     [run] = batch["runs"]

@@ -79,3 +79,17 @@ def test_stopped_run_resumes_under_the_same_name(tiny_run, tmp_path):
     assert (tmp_path / "ray" / "resumable" / "checkpoint_000005").is_dir()
     cfg.run.fail_at_step = None
     assert losses(run_training(cfg)) == losses(tiny_run)
+
+
+@pytest.mark.slow  # two Ray runs (~2 min); the schedule's determinism is covered by tests/test_batches.py
+def test_token_budget_run_restarts_from_checkpoint_with_identical_losses(ray_session, tmp_path):
+    """training.batch_tokens: length-grouped batches on 2 workers; a worker failing at step 5 restarts the
+    group from the step-3 checkpoint, and the run ends with the losses of an uninterrupted run, bit for bit."""
+    budget_run = ("scaling.num_workers=2", "training.max_steps=6", "training.eval_every=3", "training.batch_tokens=512")
+    uninterrupted = run_training(tiny_config(tmp_path, *budget_run, "run.name=budget"))
+    records = read_metrics(uninterrupted / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, 7))
+    padding = max(1 - r["nonpad_tokens_per_s"] / r["tokens_per_s"] for r in records)
+    assert padding < 0.1, padding  # length-grouped (batch_size=4 rows pad about a quarter of the tokens)
+    cfg = tiny_config(tmp_path, *budget_run, "run.name=budget-faulty", "run.fail_at_step=5", "run.max_failures=1")
+    assert losses(run_training(cfg)) == losses(uninterrupted)

@@ -2,11 +2,16 @@
 
 Because the order depends only on these numbers, a run restarted from the checkpoint of step k
 sees exactly the batches an uninterrupted run would have seen after step k.
+
+Two layouts: `batch_size` rows per micro-batch (micro_batch_indices), or length-grouped batches
+within a token budget (TokenBudgetSchedule, training.batch_tokens), which spend little compute
+on padding while every row is still seen once per epoch.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from functools import lru_cache
 
 
@@ -32,6 +37,72 @@ def micro_batch_indices(
         epoch, offset = divmod(position, n_rows)
         indices.append(_epoch_order(n_rows, seed, epoch)[offset])
     return indices
+
+
+# Rows sorted by length together: about this many batches' worth (HF's LengthGroupedSampler uses 50).
+# More: less padding; fewer: the rows of a batch are a more random sample.
+MEGABATCH_BATCHES = 50
+
+
+def budget_batches(lengths: Sequence[int], rows: Sequence[int], budget: int) -> list[list[int]]:
+    """Cut `rows` (in order) greedily into batches whose padded size, rows x longest, is within budget."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for row in rows:
+        wider = max(longest, lengths[row])
+        if current and wider * (len(current) + 1) > budget:
+            batches.append(current)
+            current, wider = [], lengths[row]
+        current.append(row)
+        longest = wider
+    if current:
+        batches.append(current)
+    return batches
+
+
+class TokenBudgetSchedule:
+    """Length-grouped micro-batches of at most `budget` padded tokens.
+
+    Per epoch: the rows are shuffled (the same shuffle as micro_batch_indices), cut into megabatches
+    of about MEGABATCH_BATCHES batches' worth of tokens, each sorted by length and cut greedily into
+    budget batches; then the epoch's batches are shuffled.
+    Global micro-batch g on worker `rank` is batch g * world + rank of the concatenated epochs.
+    """
+
+    def __init__(self, lengths: Sequence[int], seed: int, budget: int, megabatch_batches: int = MEGABATCH_BATCHES):
+        if max(lengths) > budget:
+            raise ValueError(f"a row of {max(lengths)} tokens does not fit a batch budget of {budget} tokens")
+        self.lengths, self.seed, self.budget = list(lengths), seed, budget
+        mean_length = sum(lengths) / len(lengths)
+        self.megabatch_rows = max(1, round(megabatch_batches * budget / mean_length))
+        self._epochs: list[list[list[int]]] = []  # computed once each: a pure function of the arguments
+
+    def epoch(self, epoch: int) -> list[list[int]]:
+        while len(self._epochs) <= epoch:
+            self._epochs.append(self._make_epoch(len(self._epochs)))
+        return self._epochs[epoch]
+
+    def _make_epoch(self, epoch: int) -> list[list[int]]:
+        order = _epoch_order(len(self.lengths), self.seed, epoch)
+        batches = []
+        for start in range(0, len(order), self.megabatch_rows):
+            mega = sorted(order[start : start + self.megabatch_rows], key=self.lengths.__getitem__)
+            batches += budget_batches(self.lengths, mega, self.budget)
+        random.Random(f"{self.seed}:{epoch}:batches").shuffle(batches)
+        return batches
+
+    def batch(self, index: int) -> list[int]:
+        """Batch `index` (0-based) of the stream of all epochs."""
+        epoch = 0
+        while index >= len(self.epoch(epoch)):
+            index -= len(self.epoch(epoch))
+            epoch += 1
+        return self.epoch(epoch)[index]
+
+    def micro_batch_indices(self, step: int, micro: int, grad_accum: int, world: int, rank: int) -> list[int]:
+        """Row indices for micro-batch `micro` of optimiser step `step` (1-based) on worker `rank`."""
+        return self.batch(((step - 1) * grad_accum + micro) * world + rank)
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:

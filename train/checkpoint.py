@@ -15,13 +15,16 @@ from pathlib import Path
 
 import torch
 
+from .step import CausalLMLoss
+
 STATE_FILE = "trainer_state.pt"
 ADAPTER_DIR = "adapter"
 
 
 def unwrap(model):
-    """The PEFT model inside a DDP / DeepSpeed wrapper."""
-    return getattr(model, "module", model)
+    """The PEFT model inside a DDP / DeepSpeed wrapper and the training loss (train/step.py)."""
+    model = getattr(model, "module", model)
+    return model.peft_model if isinstance(model, CausalLMLoss) else model
 
 
 def save_state(folder: Path, model, optimizer, scheduler, scaler, step: int, seed: int, history: list[dict]) -> None:

@@ -1,15 +1,15 @@
 """train_loop_per_worker: the only code that runs inside Ray Train workers.
 
-Each worker loads the tokenizer, data and base model, wraps it in LoRA (and DDP when there are
-several workers), then trains on its own shard of every global batch. Every `eval_every` steps all
-workers evaluate on their shard of the held-out split and report a checkpoint (written by rank 0)
-to Ray Train; a restarted or re-run worker group continues from the latest one.
+Each worker loads the tokenizer, data and base model, wraps it in LoRA and the training loss
+(train/step.py; and in DDP when there are several workers), then trains on its own shard of every
+global batch. Every `eval_every` steps all workers evaluate on their shard of the held-out split and
+report a checkpoint (written by rank 0) to Ray Train; a restarted or re-run worker group continues
+from the latest one.
 """
 
 from __future__ import annotations
 
 import logging
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -20,15 +20,15 @@ import torch
 import torch.distributed as dist
 
 from mistral_qa.config import TrainJobConfig
-from mistral_qa.data import collate
-from mistral_qa.model import add_lora, load_base_model, load_tokenizer
+from mistral_qa.model import load_tokenizer
 
 from . import deepspeed_setup as ds
-from .batches import micro_batch_indices, step_seed
+from .batches import TokenBudgetSchedule, micro_batch_indices, step_seed
 from .checkpoint import load_state, save_state
 from .optim import build_optimizer, build_scheduler
 from .prepare import prepare_data
 from .report import progress_line
+from .step import autocast, backward, build_trainable, make_batch, optimizer_step, peak_memory_gib
 
 log = logging.getLogger("train")
 
@@ -51,12 +51,6 @@ def _all_reduce(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
-def peak_memory_gib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
-
-
 class Worker:
     """The state of one training worker; methods are the steps of the loop."""
 
@@ -71,6 +65,10 @@ class Worker:
         self.train_items, self.eval_items, report = prepare_data(cfg.data, self.tokenizer)
         if self.rank == 0:
             log.info("data: %s", report.summary())
+        self.schedule = None
+        if cfg.training.batch_tokens:
+            lengths = [len(x["input_ids"]) for x in self.train_items]
+            self.schedule = TokenBudgetSchedule(lengths, cfg.training.seed, cfg.training.batch_tokens)
         self.deepspeed = cfg.training.deepspeed is not None
         self.model = self._build_model()
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -90,15 +88,8 @@ class Worker:
         self.step, self.history, self.resumed = 0, [], False
 
     def _build_model(self):
-        cfg = self.cfg
         # Frozen base in the compute dtype (fp16 weights under fp16 autocast); LoRA weights in fp32.
-        base_dtype = self.amp_dtype or torch.float32
-        torch.manual_seed(cfg.training.seed)
-        base = load_base_model(cfg.model, base_dtype, self.device)
-        model = add_lora(base, cfg.lora, cfg.training.gradient_checkpointing)
-        for p in model.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()
+        model = build_trainable(self.cfg, self.amp_dtype, self.device)
         if self.world > 1 and not self.deepspeed:  # DeepSpeed's engine replaces DDP
             return ray.train.torch.prepare_model(model, move_to_device=False)
         return model
@@ -119,12 +110,19 @@ class Worker:
             log.info("resumed from checkpoint at step %d", self.step)
 
     def _batch(self, indices: list[int], items: list[dict]) -> dict:
-        batch = collate([items[i] for i in indices], self.tokenizer.pad_token_id)
-        return {k: v.to(self.device) for k, v in batch.items()}
+        return make_batch([items[i] for i in indices], self.tokenizer.pad_token_id, self.device)
 
     def _loss(self, batch: dict) -> torch.Tensor:
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            return self.model(**batch).loss
+        with autocast(self.device, self.amp_dtype):
+            return self.model(**batch)
+
+    def _rows(self, micro: int) -> list[int]:
+        """This worker's rows for micro-batch `micro` of the coming step."""
+        cfg, step = self.cfg.training, self.step + 1
+        if self.schedule is not None:
+            return self.schedule.micro_batch_indices(step, micro, cfg.grad_accum, self.world, self.rank)
+        n_rows = len(self.train_items)
+        return micro_batch_indices(n_rows, cfg.seed, step, micro, cfg.grad_accum, cfg.batch_size, self.world, self.rank)
 
     def train_step(self) -> dict:
         cfg, t = self.cfg.training, time.monotonic()
@@ -133,20 +131,11 @@ class Worker:
         loss_sum, tokens, nonpad = 0.0, 0, 0
         lr = self.scheduler.get_last_lr()[0]  # the lr this step uses (DeepSpeed steps the schedule inside)
         for micro in range(cfg.grad_accum):
-            idx = micro_batch_indices(
-                len(self.train_items),
-                cfg.seed,
-                self.step + 1,
-                micro,
-                cfg.grad_accum,
-                cfg.batch_size,
-                self.world,
-                self.rank,
-            )
+            idx = self._rows(micro)
             batch = self._batch(idx, self.train_items)
             loss_sum += self._backward(self._loss(batch))
             tokens += batch["input_ids"].numel()
-            nonpad += int(batch["attention_mask"].sum())
+            nonpad += sum(len(self.train_items[i]["input_ids"]) for i in idx)
         self._optimizer_step()
         self.step += 1
         loss_sum, tokens, nonpad = _all_reduce([loss_sum, tokens, nonpad], self.device)
@@ -166,19 +155,12 @@ class Worker:
             # The engine divides by grad_accum itself and steps at the accumulation boundary.
             ds.train_micro(self.model, loss)
             return (loss / self.cfg.training.grad_accum).item()
-        loss = loss / self.cfg.training.grad_accum
-        self.scaler.scale(loss).backward()
-        return loss.item()
+        return backward(loss, self.scaler, self.cfg.training.grad_accum)
 
     def _optimizer_step(self) -> None:
         if self.deepspeed:
             return  # done by the engine in the last micro-batch's train_micro
-        self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.max_grad_norm)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        optimizer_step(self.model, self.optimizer, self.scheduler, self.scaler, self.cfg.optim.max_grad_norm)
 
     @torch.no_grad()
     def evaluate(self) -> float:

@@ -106,12 +106,13 @@ class Engine:
             self.submit(requests[i])
         return [f.result() for f in futures]
 
-    async def stream(self, request: Request) -> AsyncIterator[Delta]:
+    async def stream(self, request: Request, min_interval: float = 0.0) -> AsyncIterator[Delta]:
         """Submit `request` and yield its pieces as they come; the last carries the Completion.
 
-        Pieces that arrive while the caller is busy come out merged into one, so a slow consumer
-        (an HTTP stream under load) gets fewer, larger pieces instead of a growing backlog.
-        Leaving the loop early (client gone) cancels the request inside the engine.
+        Pieces that arrive while the caller is busy come out merged into one, and after a piece the
+        next waits until min_interval seconds have passed (the first and the last never wait): one
+        HTTP message per few tokens instead of one per token keeps a loaded server's proxy from
+        falling behind. Leaving the loop early (client gone) cancels the request inside the engine.
         """
         loop = asyncio.get_running_loop()
         ready: collections.deque[Delta] = collections.deque()
@@ -130,9 +131,14 @@ class Engine:
 
         request.on_delta = on_delta
         self.submit(request)
+        last_piece = None
         try:
             while True:
                 await wake.wait()
+                if min_interval and last_piece is not None and not (ready and ready[-1].finished):
+                    delay = last_piece + min_interval - loop.time()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
                 wake.clear()
                 scheduled = False  # before draining: a piece appended from now on sends a new wake-up
                 pieces = [ready.popleft() for _ in range(len(ready))]
@@ -144,6 +150,7 @@ class Engine:
                 yield Delta("".join(p.text for p in pieces), completion=pieces[-1].completion)
                 if pieces[-1].completion is not None:
                     return
+                last_piece = loop.time()
         finally:
             request.cancel()  # no-op once finished
 
