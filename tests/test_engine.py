@@ -158,6 +158,19 @@ def test_stream_pieces_add_up_to_the_text(engine):
     assert len(deltas) > 2
 
 
+def test_stream_interval_merges_pieces(engine):
+    """With min_interval the same text arrives in fewer, larger pieces (one HTTP message per interval)."""
+
+    async def collect(interval):
+        request = engine.make_request(PROMPTS[2], SamplingParams(max_tokens=MAX_NEW))
+        return [d async for d in engine.stream(request, min_interval=interval)]
+
+    every = asyncio.run(collect(0.0))
+    merged = asyncio.run(collect(0.2))
+    assert "".join(d.text for d in merged) == merged[-1].completion.text == every[-1].completion.text
+    assert len(merged) < len(every)
+
+
 def test_context_limit_ends_with_length():
     eng = Engine(EngineConfig(model=TINY, max_context=64))
     try:
