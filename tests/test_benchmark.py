@@ -9,9 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # loads two models and runs the Trainer (~30-60 s)
 def test_benchmark_runs_both_phases_and_the_losses_agree(tmp_path):
     out = tmp_path / "bench.json"
     args = ["--model-name", "tiny-mistral", "--data", "builtin:mobile_health", "--device", "cpu", "--steps", "2"]

@@ -58,7 +58,9 @@ def references(engine):
     return [reference(engine._loaded.model, engine.tokenizer, p) for p in PROMPTS]
 
 
-@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize(
+    "compile", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["eager", "compiled"]
+)  # compiling on CPU takes a minute or more
 def test_padded_shapes_equal_generate(engine, references, compile):
     """The CUDA shapes (>= 64 matmul rows, power-of-two attention rows and context, prefill packed
     and padded to 256 tokens), eagerly and compiled: padding never changes a row's tokens."""
