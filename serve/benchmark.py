@@ -65,6 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-max-tokens", type=int, default=256, help="generation.max_tokens of the batch job")
     p.add_argument("--batch-gpus", type=float, default=1, help="compute.num_gpus_per_actor (0: CPU actors)")
     p.add_argument(
+        "--stream-interval-ms", type=float, default=40, help="Serve's stream_interval_ms (0: a message per token)"
+    )
+    p.add_argument(
         "--batch-max-batch-size", type=int, default=256, help="the batch job's engine.max_batch_size (throughput)"
     )
     p.add_argument("--batch-actors", default="auto", help="comma-separated actor counts; auto: 1, and 2 with 2+ GPUs")
@@ -200,6 +203,7 @@ def phase_serve(b: Bench) -> dict:
         "engine": {"model": b.model_cfg.model_dump(), **b.engine_settings()},
         "default_max_tokens": a.max_tokens,
         "max_pending": max(64, 2 * a.concurrency),
+        "stream_interval_ms": a.stream_interval_ms,
     }
     with gpu.SmiPeak() as peak:
         try:

@@ -63,7 +63,7 @@ def references(engine):
 )  # compiling on CPU takes a minute or more
 def test_padded_shapes_equal_generate(engine, references, compile):
     """The CUDA shapes (>= 64 matmul rows, power-of-two attention rows and context, prefill packed
-    and padded to 256 tokens), eagerly and compiled: padding never changes a row's tokens."""
+    and padded to 1024 tokens), eagerly and compiled: padding never changes a row's tokens."""
     steps = swap_steps(engine, padded=True, compile=compile)
     try:
         assert steps.shape(3, 200) == (64, 4, 256)

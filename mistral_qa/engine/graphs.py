@@ -15,7 +15,7 @@ from .decoder import SlotDecoder
 
 GEMM_ROWS = 64  # CUDA: least rows in every decode matmul
 MIN_CONTEXT = 128  # CUDA: least cache columns attention reads
-PREFILL_TOKENS = 256  # CUDA: shorter prompts run packed and padded to this many tokens; longer ones alone
+PREFILL_TOKENS = 1024  # CUDA: shorter prompts run packed and padded to this many tokens; longer ones alone
 
 
 def _pow2(n: int) -> int:
