@@ -40,9 +40,19 @@ def plot_losses(history: list[dict], path: Path, title: str) -> None:
     evals = [(r["step"], r["eval_loss"]) for r in history if r.get("eval_loss") is not None]
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
-        ax.plot(*zip(*train), label="train loss", linewidth=1)
+        steps, losses = zip(*train)
+        window = max(1, len(train) // 40)  # per-step losses of small batches are noisy: show a running mean too
+        if window > 1:
+            ax.plot(steps, losses, color="tab:blue", alpha=0.25, linewidth=0.6, label="train loss (per step)")
+            means = [
+                sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
+                for i in range(len(losses))
+            ]
+            ax.plot(steps, means, color="tab:blue", linewidth=1.5, label=f"train loss ({window}-step mean)")
+        else:
+            ax.plot(steps, losses, label="train loss", linewidth=1)
     if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss")
+        ax.plot(*zip(*evals), "o-", color="tab:orange", label="eval loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(title)
