@@ -20,6 +20,8 @@ import time
 from mistral_qa.adapters import AdapterError
 from mistral_qa.configio import ConfigError, apply_override, parse_override, read_yaml
 
+from .ready import wait_until_ready
+
 DEFAULT_NAME = "mobile-health"
 APP_NAME = "mistral-qa"
 
@@ -81,21 +83,6 @@ def app_spec(args: argparse.Namespace) -> tuple[dict, dict, dict]:
         raise ConfigError("nothing to serve: give --adapter PATH or --config serve/config.yaml")
     http.update({k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None})
     return app_args, options, http
-
-
-def wait_until_ready(url: str, timeout_s: float = 600) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"{url}/health did not answer within {timeout_s:.0f} s")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,9 +5,7 @@ answer when it ran alone."""
 
 from __future__ import annotations
 
-import time
-import urllib.request
-
+from ..ready import wait_until_ready
 from .loadgen import LoadResult, StreamResult, closed_loop, summarize
 from .workload import BenchPrompt
 
@@ -31,21 +29,8 @@ def deploy(app_args: dict, port: int, concurrency: int, num_gpus: float) -> str:
     ).bind(EngineLoader(settings.engine), settings)
     serve.run(app, name=APP_NAME, route_prefix="/")
     url = f"http://127.0.0.1:{port}"
-    wait_until_healthy(url)
+    wait_until_ready(url, timeout_s=900)
     return url
-
-
-def wait_until_healthy(url: str, timeout_s: float = 900) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"{url}/health did not answer within {timeout_s:.0f} s")
 
 
 def chat_body(prompt: BenchPrompt, max_tokens: int) -> dict:
