@@ -147,13 +147,6 @@ def decode_layer(layer, tables, h, cos, sin, adapter_index, keys, values, slot, 
     return finish_layer(layer, tables, h, attended, adapter_index)
 
 
-def cache_bytes(model: nn.Module, slots: int, slot_len: int) -> int:
-    cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    itemsize = model.get_input_embeddings().weight.element_size()
-    return 2 * cfg.num_hidden_layers * slots * cfg.num_key_value_heads * slot_len * head_dim * itemsize
-
-
 class SlotDecoder:
     def __init__(self, model: nn.Module, adapters: list[str], slots: int, slot_len: int):
         """`model` as loaded (PEFT-wrapped when adapters are attached unmerged)."""
@@ -167,8 +160,8 @@ class SlotDecoder:
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         weight = self.inner.embed_tokens.weight
         self.device, self.dtype = weight.device, weight.dtype
-        self.lora = LoraRows(model, adapters, self.dtype)
-        self.tables = [self.lora.layer_tables(layer) for layer in self.layers]
+        lora = LoraRows(model, adapters, self.dtype)
+        self.tables = [lora.layer_tables(layer) for layer in self.layers]
         for layer, tables in zip(self.layers, self.tables, strict=True):
             attn, mlp = layer.self_attn, layer.mlp
             tables["qkv"] = fuse_weights([attn.q_proj, attn.k_proj, attn.v_proj])
@@ -182,7 +175,8 @@ class SlotDecoder:
         try:
             self.keys, self.values = self._allocate(self.capacity), self._allocate(self.capacity)
         except torch.OutOfMemoryError:
-            gib = cache_bytes(base, slots, slot_len) / 2**30
+            per_token = 2 * len(self.layers) * self.kv_heads * self.head_dim * weight.element_size()
+            gib = per_token * slots * slot_len / 2**30
             raise ModelLoadError(
                 f"the KV cache for {slots} sequences x {slot_len} tokens needs {gib:.1f} GiB, more than is free "
                 "next to the model: lower max_batch_size or max_context"

@@ -43,9 +43,6 @@ class LoraRows:
                 torch.tensor(owner, dtype=torch.long, device=a[0].device),
             )
 
-    def __bool__(self) -> bool:
-        return bool(self.tables)
-
     def layer_tables(self, layer: nn.Module) -> dict:
         """Projection name -> (A_all, B_all, owner) or None, for the seven projections of a decoder layer."""
         attn, mlp = layer.self_attn, layer.mlp
