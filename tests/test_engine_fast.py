@@ -73,6 +73,22 @@ def test_padded_shapes_equal_generate(engine, references, compile):
     assert [c.token_ids for c in results] == references
 
 
+def test_rows_ending_on_eos_leave_mid_batch(engine, references):
+    """A row that ends on an end-of-sequence token has already been given the next decode step (the
+    runner launches it before reading the tokens): its extra token is dropped, the others go on exact."""
+    runner = engine._scheduler._runner
+    stop = references[0][5]  # an ordinary token made an EOS: the first answer ends at its sixth token
+    saved = runner.eos_ids
+    runner.eos_ids = saved | {stop}
+    try:
+        got = [c.token_ids for c in engine.generate(PROMPTS, SamplingParams(max_tokens=MAX_NEW))]
+    finally:
+        runner.eos_ids = saved
+    expected = [ref[: ref.index(stop) + 1] if stop in ref else ref for ref in references]
+    assert got == expected
+    assert len(got[0]) <= 6 and max(len(g) for g in got) == MAX_NEW
+
+
 def test_cache_grows_with_the_longest_sequence(engine, references):
     decoder = engine._scheduler._runner.decoder
     assert decoder.capacity <= 256

@@ -241,27 +241,39 @@ class SlotDecoder:
         ids = torch.zeros(width, dtype=torch.long)
         positions = torch.zeros(width, dtype=torch.long)
         token_adapter = torch.full((width,), -1, dtype=torch.long)
+        token_slot = torch.zeros(total, dtype=torch.long)
         starts, offset = [], 0
-        for prompt, n, a in zip(prompts, lengths, adapter_index, strict=True):
+        for j, (prompt, n, a) in enumerate(zip(prompts, lengths, adapter_index, strict=True)):
             ids[offset : offset + n] = torch.tensor(prompt, dtype=torch.long)
             positions[offset : offset + n] = torch.arange(n)
             token_adapter[offset : offset + n] = a
+            token_slot[offset : offset + n] = first_slot + j
             starts.append(offset)
             offset += n
-        ids, positions, token_adapter = (t.to(self.device) for t in (ids, positions, token_adapter))
+        ids, positions, token_adapter, token_slot = (
+            t.to(self.device) for t in (ids, positions, token_adapter, token_slot)
+        )
 
         def attend(layer: int, q, k, v):  # q: [width, heads, 1, dim]; k, v: [width, kv_heads, 1, dim]
-            out = q.new_zeros(width, 1, self.heads * self.head_dim)
-            for j, (start, n) in enumerate(zip(starts, lengths, strict=True)):
-                kj, vj = k[start : start + n, :, 0].transpose(0, 1), v[start : start + n, :, 0].transpose(0, 1)
-                self.keys[layer][first_slot + j, :, :n] = kj
-                self.values[layer][first_slot + j, :, :n] = vj
-                qj = q[start : start + n, :, 0].transpose(0, 1)[None]
-                oj = F.scaled_dot_product_attention(
-                    qj, kj[None], vj[None], is_causal=True, scale=self.scale, enable_gqa=True
-                )
-                out[start : start + n, 0] = oj[0].transpose(0, 1).reshape(n, -1)
-            return out
+            q, k, v = q[:, :, 0].transpose(0, 1), k[:, :, 0], v[:, :, 0]
+            self.keys[layer][token_slot, :, positions[:total]] = k[:total]
+            self.values[layer][token_slot, :, positions[:total]] = v[:total]
+            k, v = k.transpose(0, 1), v.transpose(0, 1)
+            # Each prompt attends alone (the same numbers whatever it is packed with).
+            parts = [
+                F.scaled_dot_product_attention(
+                    q[None, :, a : a + n],
+                    k[None, :, a : a + n],
+                    v[None, :, a : a + n],
+                    is_causal=True,
+                    scale=self.scale,
+                    enable_gqa=True,
+                )[0]
+                for a, n in zip(starts, lengths, strict=True)
+            ]
+            if width > total:
+                parts.append(q.new_zeros(self.heads, width - total, self.head_dim))
+            return torch.cat(parts, dim=1).transpose(0, 1).reshape(width, 1, -1)
 
         h = self.inner.embed_tokens(ids)[:, None, :]
         h = self._layers(h, positions[:, None], token_adapter, attend)

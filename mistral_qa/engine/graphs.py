@@ -18,6 +18,13 @@ MIN_CONTEXT = 128  # CUDA: least cache columns attention reads
 PREFILL_TOKENS = 1024  # CUDA: shorter prompts run packed and padded to this many tokens; longer ones alone
 
 
+def host_longs(values: list[int], device: torch.device) -> torch.Tensor:
+    """A host tensor to copy to `device` without waiting: in pinned memory for a GPU (a copy from
+    pageable memory may wait for the work queued before it; the pinned block is not reused until the
+    copy is done)."""
+    return torch.tensor(values, dtype=torch.long, pin_memory=device.type == "cuda")
+
+
 def _pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
@@ -60,17 +67,18 @@ class DecodeSteps:
 
     # -- running ---------------------------------------------------------------------------------
 
-    def __call__(self, ids: list[int], positions: list[int], adapters: list[int]) -> torch.Tensor:
-        """Logits [n, vocab] (float32) of one decode step for slots 0..n-1."""
-        n = len(ids)
+    def __call__(self, ids: torch.Tensor, positions: list[int], adapters: list[int]) -> torch.Tensor:
+        """Logits [n, vocab] (float32) of one decode step for slots 0..n-1; ids: [n] token ids, on any
+        device (on the GPU they may still be in the making: the copy queues behind them)."""
+        n = len(positions)
         rows, attn_rows, context = self.shape(n, max(positions) + 1)
         self.decoder.reserve(context)
         self.ids[:rows].zero_()
         self.positions[:rows].zero_()
         self.adapters[:rows].fill_(-1)
-        self.ids[:n].copy_(torch.tensor(ids, dtype=torch.long), non_blocking=True)
-        self.positions[:n].copy_(torch.tensor(positions, dtype=torch.long), non_blocking=True)
-        self.adapters[:n].copy_(torch.tensor(adapters, dtype=torch.long), non_blocking=True)
+        self.ids[:n].copy_(ids, non_blocking=True)
+        self.positions[:n].copy_(host_longs(positions, self.decoder.device), non_blocking=True)
+        self.adapters[:n].copy_(host_longs(adapters, self.decoder.device), non_blocking=True)
         key = (rows, attn_rows, context)
         if not self.use_graphs:
             logits = self.decoder.decode(

@@ -5,6 +5,11 @@ requests at the next step, so a long answer never holds up short ones.
 Running request i lives in cache slot i (slots 0..n-1 are always the running ones: a finished
 row's slot is refilled by moving the last row into it). Every row carries its own adapter index,
 so one decode step serves the base and any mix of adapters. Only the engine thread calls in here.
+
+Decode runs one step ahead of the host: step N+1 is launched with step N's tokens while they are
+still on the GPU, and only then are step N's tokens read, appended and streamed, so the GPU never
+waits for the host between steps. A row that step N ends (EOS, a stop string, its length) has
+already been given to step N+1: that costs one wasted row-step, whose token is dropped.
 """
 
 from __future__ import annotations
@@ -18,9 +23,9 @@ import torch
 
 from .decoder import SlotDecoder
 from .errors import Cancelled
-from .graphs import PREFILL_TOKENS, DecodeSteps
+from .graphs import PREFILL_TOKENS, DecodeSteps, host_longs
 from .request import Delta, Request
-from .sampling import next_tokens
+from .sampling import choose, next_tokens
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +48,7 @@ class StepRunner:
         self.eos_ids = eos_ids
         self.waiting: deque[Request] = deque()
         self.rows: list[Request] = []  # rows[i] is in cache slot i
-        self.in_flight: tuple[list[Request], torch.Tensor] | None = None  # a launched step: its rows, logits
+        self.in_flight: tuple[list[Request], torch.Tensor] | None = None  # a launched step: its rows, tokens
 
     @property
     def running(self) -> int:
@@ -57,48 +62,60 @@ class StepRunner:
 
     @torch.inference_mode()
     def step(self) -> None:
-        """Collect the decode step in flight, launch the next one, and stream the collected tokens'
-        text while the GPU computes (a row that a stop string ends costs one wasted row-step)."""
+        """Launch the next decode step, then collect the one before it and stream its tokens' text
+        while the GPU computes; then admit waiting requests."""
         self._drop_cancelled()
-        collected = self._collect()
-        self._launch()
+        previous, self.in_flight = self.in_flight, None
+        self._launch(previous)
+        collected = self._collect(previous)
         self._stream(collected)
         self._admit()
 
     @staticmethod
     def _cached(row: Request) -> int:
-        """Tokens of `row` in its cache slot before the step that feeds its newest token."""
+        """Tokens of `row` in its cache slot before the step that feeds its newest collected token."""
         return row.prompt_tokens + len(row.token_ids) - 1
 
     def _adapter(self, row: Request) -> int:
         return self.adapter_index.get(row.adapter, -1)
 
-    def _launch(self) -> None:
+    def _launch(self, previous: tuple[list[Request], torch.Tensor] | None) -> None:
+        """Launch a decode step for every running row. A row in the `previous` step (not collected
+        yet) is fed that step's token straight from the GPU, one position further on; a row admitted
+        since is fed its first token. A row the previous step ends by length is clamped to the cache's
+        last position: its step is wasted anyway."""
         if not self.rows:
             return
         rows = list(self.rows)
+        ahead = {id(r): j for j, r in enumerate(previous[0])} if previous else {}
+        source = [ahead.get(id(r), -1) for r in rows]
+        positions = [min(self._cached(r) + (j >= 0), self.max_context - 1) for r, j in zip(rows, source, strict=True)]
         try:
-            logits = self.steps(
-                [r.token_ids[-1] for r in rows], [self._cached(r) for r in rows], [self._adapter(r) for r in rows]
-            )
+            device = self.decoder.device
+            ids = host_longs([r.token_ids[-1] for r in rows], device).to(device, non_blocking=True)
+            if previous and any(j >= 0 for j in source):
+                index = host_longs(source, device).to(device, non_blocking=True)
+                ids = torch.where(index >= 0, previous[1][index.clamp(min=0)], ids)
+            logits = self.steps(ids, positions, [self._adapter(r) for r in rows])
+            tokens = choose(logits, rows)
         except Exception as err:  # a failed step fails its rows, never the engine
             self._fail(rows, err)
             self.rows = []
             return
-        self.in_flight = (rows, logits)
+        self.in_flight = (rows, tokens)
 
-    def _collect(self) -> list[tuple[Request, str | None]]:
-        """Wait for the step in flight; give each still-running row its token. Rows that EOS or a
-        length limit ends leave now, before the next launch. Returns (row, finish reason or None)."""
-        if self.in_flight is None:
+    def _collect(self, launched: tuple[list[Request], torch.Tensor] | None) -> list[tuple[Request, str | None]]:
+        """Read the tokens of a launched step; give each still-running row its token. Rows that EOS or
+        a length limit ends leave now. Returns (row, finish reason or None)."""
+        if launched is None:
             return []
-        rows, logits = self.in_flight
-        self.in_flight = None
+        rows, tokens = launched
         try:
-            tokens = next_tokens(logits, rows)
+            tokens = tokens.tolist()
         except Exception as err:
             self._fail(self.rows, err)
             self.rows = []
+            self.in_flight = None
             return []
         running = {id(r) for r in self.rows}
         collected = [
