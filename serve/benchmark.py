@@ -4,8 +4,16 @@ and the real Ray Data batch job, all on the same random-weight model.
 
     python -m serve.benchmark --json-out results.json --md-out results.md            # Mistral-7B shape, GPU
     python -m serve.benchmark --phases engine,serve --concurrency 32 --requests 128
+    python -m serve.benchmark --phases serve --serve-ramp-s 5                        # spread starts over 5 s
     python -m serve.benchmark --model-name tiny-mistral --device cpu --concurrency 4 --requests 8 \
         --max-tokens 16 --hf-new-tokens 8 --batch-questions 40 --batch-gpus 0         # a CPU smoke run
+
+The serve phase times its load twice on one deployment, --requests requests each: "burst", all
+--concurrency clients starting together (every request runs to --max-tokens, so they also finish and
+re-send together: the engine sees waves of C new prompts, and TTFT is the prefill of a whole wave),
+and "staggered", client k of C starting k * --serve-ramp-s / C later (closer to real traffic). A ramp
+about as long as one request spreads arrivals evenly over the decode cycle; --serve-ramp-s 0 skips
+the staggered run.
 
 Phases run in this order: engine, adapters, serve, batch, hf (the baselines last: they are the
 slowest and least important figures); the table lists them as hf, engine, serve, adapters, batch.
@@ -55,7 +63,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hf-cb-requests", type=int, default=64, help="requests for HF generate_batch (0: skip)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port of the benchmark's Serve app")
     p.add_argument("--concurrency", type=int, default=64, help="closed-loop HTTP clients")
-    p.add_argument("--requests", type=int, default=256, help="HTTP requests in the timed load")
+    p.add_argument("--requests", type=int, default=256, help="HTTP requests in each timed load (burst, staggered)")
+    p.add_argument(
+        "--serve-ramp-s",
+        type=float,
+        default=2.0,
+        help="seconds over which the staggered run's clients start (~ one request's duration spreads arrivals "
+        "evenly over the decode cycle; 0: no staggered run)",
+    )
     p.add_argument("--serve-warmup", type=int, default=None, help="warm-up HTTP requests (default: --concurrency)")
     p.add_argument("--adapter-batch", type=int, default=32, help="requests per batch in the adapter phase")
     p.add_argument(
@@ -88,6 +103,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = sorted(set(args.phases) - set(PHASES))
     if unknown:
         p.error(f"--phases: unknown {unknown}; choose from {','.join(PHASES)}")
+    if args.serve_ramp_s < 0:
+        p.error("--serve-ramp-s must be >= 0")
     if args.serve_warmup is None:
         args.serve_warmup = args.concurrency
     return args
@@ -210,7 +227,7 @@ def phase_serve(b: Bench) -> dict:
             url = serve_run.deploy(app_args, a.port, a.concurrency, num_gpus=1 if b.cuda else 0)
             log(f"serve: app up at {url}")
             result = serve_run.run_serve_load(
-                url, b.prompts, a.requests, a.concurrency, a.max_tokens, a.serve_warmup, log
+                url, b.prompts, a.requests, a.concurrency, a.max_tokens, a.serve_warmup, log, a.serve_ramp_s
             )
         finally:
             serve_run.shutdown()

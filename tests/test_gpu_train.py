@@ -80,8 +80,8 @@ def test_nf4_base_on_the_gpu_is_close_to_the_fp16_one():
     quantized = load_base_model(cfg, torch.float16, "cuda")
     layers = [m for m in quantized.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(layers) == 14 and all(m.weight.device.type == "cuda" for m in layers)
-    # The 4-bit base is built on the CPU: its fp16 twin is the CPU-built fp16 base.
-    full = load_base_model(cfg.model_copy(update={"load_in_4bit": False}), torch.float16, "cpu").to("cuda")
+    # The 4-bit base is built on the GPU: its fp16 twin is the GPU-built fp16 base.
+    full = load_base_model(cfg.model_copy(update={"load_in_4bit": False}), torch.float16, "cuda")
     ids = torch.tensor([[1, 20811, 349, 396, 13126, 28723, 415, 1423]], device="cuda")
     with torch.no_grad():
         exact, approx = full(ids).logits.float(), quantized(ids).logits.float()

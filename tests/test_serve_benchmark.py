@@ -1,24 +1,31 @@
 """`python -m serve.benchmark` on CPU with the tiny Mistral and tiny sizes: every phase runs for real
 (the Engine in process, random LoRA adapters, Ray Serve over HTTP with streaming clients, the Ray
 Data batch job as its own process, plain transformers), and its JSON and markdown hold every phase's
-figures with the serve phase's answers equal to each prompt's answer alone. Plus the pieces that
-decide pass/fail (prompt sizing, the question file, percentiles, the answer check) on their own."""
+figures with the serve phase's answers equal to each prompt's answer alone, for clients starting
+together and for starts spread over a ramp. Plus the pieces that decide pass/fail (prompt sizing, the
+question file, percentiles, the answer check) on their own, and the load generator's ramp and the
+serve phase's two timed runs against a small real streaming HTTP server (aiohttp, in a thread)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
-from serve.bench.loadgen import LoadResult, StreamResult, percentile
-from serve.bench.serve_run import check_against_reference
-from serve.bench.workload import bench_prompts, token_counter, write_alpaca_questions
+from serve.bench.loadgen import LoadResult, StreamResult, closed_loop, percentile
+from serve.bench.report import render, table_rows
+from serve.bench.serve_run import check_against_reference, run_serve_load
+from serve.bench.workload import QUESTIONS, BenchPrompt, bench_prompts, token_counter, write_alpaca_questions
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,6 +81,104 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+STEP_S = 0.1  # the streaming server's time per token
+ARRIVALS = web.AppKey("arrivals", list)  # when each request reached the server (time.perf_counter)
+
+
+async def stream_answer(request: web.Request) -> web.StreamResponse:
+    """An OpenAI-style streamed chat answer: max_tokens words of the question, STEP_S apart, then usage."""
+    request.app[ARRIVALS].append(time.perf_counter())
+    body = await request.json()
+    words, n = body["messages"][-1]["content"].split(), body["max_tokens"]
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    for i in range(n):
+        await asyncio.sleep(STEP_S)
+        choice = {"delta": {"content": words[i % len(words)] + " "}, "finish_reason": "length" if i == n - 1 else None}
+        await response.write(f"data: {json.dumps({'choices': [choice]})}\n\n".encode())
+    await response.write(f"data: {json.dumps({'choices': [], 'usage': {'completion_tokens': n}})}\n\n".encode())
+    await response.write(b"data: [DONE]\n\n")
+    return response
+
+
+@pytest.fixture(scope="module")
+def stream_server():
+    """(URL, server-side arrival times) of a real HTTP server on its own event loop in a thread."""
+    app = web.Application()
+    app[ARRIVALS] = []
+    app.router.add_post("/v1/chat/completions", stream_answer)
+    runner, port, loop, ready = web.AppRunner(app), free_port(), asyncio.new_event_loop(), threading.Event()
+
+    def serve() -> None:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(runner.setup())
+        loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
+        ready.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    yield f"http://127.0.0.1:{port}", app[ARRIVALS]
+    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+
+
+def chat(i: int, tokens: int) -> dict:
+    return {"messages": [{"role": "user", "content": QUESTIONS[i]}], "max_tokens": tokens, "stream": True}
+
+
+def test_ramp_spreads_the_clients_first_requests(stream_server):
+    url, arrivals = stream_server
+    # 1.4 s per request, longer than the ramp: each client's first request arrives before any second one.
+    # Ramp steps of 0.3 s leave room for a busy 2-core machine's scheduling delays.
+    bodies = [chat(i, 14) for i in range(8)]
+    arrivals.clear()
+    burst = closed_loop(f"{url}/v1/chat/completions", bodies, concurrency=4)
+    first = sorted(arrivals)[:4]
+    assert burst.extra == {"ramp_s": 0.0} and first[-1] - first[0] < 0.15  # one wave
+
+    arrivals.clear()
+    load = closed_loop(f"{url}/v1/chat/completions", bodies, concurrency=4, ramp_s=1.2)
+    assert load.extra == {"ramp_s": 1.2} and all(r.ok and r.completion_tokens == 14 for r in load.results)
+    first = sorted(arrivals)[:4]
+    for k in range(4):  # client k starts k * 1.2 / 4 s after client 0, as the server saw it
+        assert k * 0.3 - 0.05 <= first[k] - first[0] <= k * 0.3 + 0.25, first
+    starts = {k: min(r.sent_s for r in load.results if r.client == k) for k in range(4)}
+    assert all(k * 0.3 <= starts[k] <= k * 0.3 + 0.25 for k in range(4)), starts
+    assert load.wall_s >= 0.9 + 2 * 14 * STEP_S  # the last client starts at 0.9 s and runs 2 requests
+    assert all(r.ttft_s < STEP_S + 0.3 for r in load.results)  # from each request's send, not the load's start
+
+
+def test_serve_load_times_a_burst_and_a_staggered_run(stream_server):
+    url, _ = stream_server
+    prompts = [BenchPrompt(q, "Some context.") for q in QUESTIONS[:4]]
+    stats = run_serve_load(url, prompts, 8, 4, 3, warmup=4, log=lambda _: None, ramp_s=0.4)
+    staggered = stats.pop("staggered")
+    for run, ramp in ((stats, 0.0), (staggered, 0.4)):
+        assert run["ramp_s"] == ramp and run["ok"] == 8 and run["output_tokens"] == 8 * 3
+        assert run["correctness"]["passed"] and run["correctness"]["matching"] == 8
+        assert run["tok_s"] == pytest.approx(run["output_tokens"] / run["wall_s"])
+    # The wall time runs from the first request sent to the last answered, the ramp included: the last
+    # client starts 0.3 s late and, as a closed loop keeps 4 in flight, the 8 requests take 2 rounds.
+    assert staggered["wall_s"] >= 0.3 + 2 * 3 * STEP_S and stats["wall_s"] < staggered["wall_s"]
+    stats["staggered"] = staggered
+    table = render(table_rows({"serve": stats}), markdown=True)
+    assert "| HTTP output throughput (4 concurrent streams, all starting together) |" in table
+    assert "| HTTP output throughput (4 concurrent streams, starts spread over 0.4 s) |" in table
+    assert "| answers equal the prompt's answer alone | 8/8 | PASS |" in table
+    assert "| answers equal the prompt's answer alone, starts spread over 0.4 s | 8/8 | PASS |" in table
+    assert "| HTTP TTFT p50, starts spread over 0.4 s |" in table
+
+
+def test_no_staggered_run_without_a_ramp(stream_server):
+    prompts = [BenchPrompt(q, "Some context.") for q in QUESTIONS[:2]]
+    stats = run_serve_load(stream_server[0], prompts, 2, 2, 1, warmup=0, log=lambda _: None, ramp_s=0.0)
+    assert "staggered" not in stats and stats["correctness"]["passed"]
+    assert "spread" not in render(table_rows({"serve": stats}), markdown=False)
 
 
 TINY_RUN = [
@@ -141,6 +246,20 @@ def test_serve_figures_and_answers_equal_their_answer_alone(tiny_benchmark):
     assert serve["ttft_p99_ms"] >= serve["ttft_p50_ms"]
     assert positive(serve["single_request"]["ttft_p50_ms"])
     assert "| answers equal the prompt's answer alone | 8/8 | PASS |" in tiny_benchmark[1]
+
+
+@pytest.mark.slow  # one whole tiny run of every phase (~1.5-3 min)
+def test_serve_staggered_run(tiny_benchmark):
+    serve = tiny_benchmark[0]["phases"]["serve"]
+    assert serve["ramp_s"] == 0.0 and serve["staggered"]["ramp_s"] == 2.0  # the default --serve-ramp-s
+    staggered = serve["staggered"]
+    assert staggered["correctness"]["passed"] and staggered["correctness"]["matching"] == 8
+    assert staggered["ok"] == 8 and staggered["failed"] == 0 and staggered["concurrency"] == 4
+    assert positive(staggered["tok_s"]) and positive(staggered["ttft_p50_ms"])
+    assert staggered["wall_s"] >= 2.0 * 3 / 4  # the last client starts 1.5 s after the first
+    markdown = tiny_benchmark[1]
+    assert "| HTTP output throughput (4 concurrent streams, starts spread over 2 s) |" in markdown
+    assert "| answers equal the prompt's answer alone, starts spread over 2 s | 8/8 | PASS |" in markdown
 
 
 @pytest.mark.slow  # one whole tiny run of every phase (~1.5-3 min)

@@ -3,6 +3,7 @@
     python -m train.benchmark                                        # Mistral-7B shape, random fp16 weights, 1 GPU
     python -m train.benchmark --compile --batch-tokens 4096 --json-out bench.json
     python -m train.benchmark --model-name tiny-mistral --data builtin:mobile_health --device cpu --steps 3 --warmup 1
+    python -m train.benchmark --skip-baseline --check-rows 0 --profile 3 --profile-trace step.json.gz  # where B's time goes
 
 In one process on one device, on the same rows (Alpaca prompt + output, truncated at --max-length),
 the same base weights (model.source=random, seed 0) and LoRA r=16 on q_proj/v_proj:
@@ -16,7 +17,8 @@ the same base weights (model.source=random, seed 0) and LoRA r=16 on q_proj/v_pr
 Each phase starts from an empty device (memory freed, peak reset). Prints one table: seconds per
 step, non-padding tokens/s, padding, MFU (LoRA: (4N + 12 L d T) FLOPs per token, N the matmul
 weights incl. lm_head, T the row's length; fp16 dense peak of the card) and peak memory.
-Exits 1 when C's losses disagree.
+Exits 1 when C's losses disagree. --profile N then runs N of B's timed batches again under torch.profiler
+(train/profiling.py) and prints the time per kernel category, per step part and of the top kernels.
 """
 
 from __future__ import annotations
@@ -31,13 +33,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from torch.profiler import record_function
 
 from mistral_qa.config import DataConfig, LoraSettings, ModelConfig, TrainingConfig, TrainJobConfig
 from mistral_qa.data import clean_rows, read_rows
 from mistral_qa.model import RANDOM_SHAPES, load_tokenizer
 from mistral_qa.prompt import build_prompt
 
-from . import agreement, hf_baseline
+from . import agreement, hf_baseline, profiling
 from .batches import TokenBudgetSchedule, step_seed
 from .optim import build_optimizer, build_scheduler
 from .step import autocast, backward, build_trainable, make_batch, optimizer_step, peak_memory_gib
@@ -78,6 +81,13 @@ def positive(text: str) -> int:
     return value
 
 
+def non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m train.benchmark", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -96,6 +106,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, help="the card's dense fp16 peak (default: from its name)")
     p.add_argument("--seed", type=int, default=1234, help="data order, LoRA init and dropout")
     p.add_argument("--json-out", type=Path, help="write the results here as JSON")
+    p.add_argument("--profile", type=non_negative, default=0, help="then profile this many of B's steps (0: off)")
+    p.add_argument("--profile-trace", type=Path, help="with --profile: write a chrome trace here (.gz: gzipped)")
     return p.parse_args(argv)
 
 
@@ -172,8 +184,11 @@ def project_config(args, model_cfg: ModelConfig, device: torch.device) -> TrainJ
     )
 
 
-def run_project(args, cfg: TrainJobConfig, items: list[dict], pad_id: int, device) -> tuple[Result, torch.nn.Module]:
-    """The Ray Train worker's step (one worker, one micro-batch per step); returns the model for phase C."""
+def run_project(
+    args, cfg: TrainJobConfig, items: list[dict], pad_id: int, device
+) -> tuple[Result, torch.nn.Module, dict | None]:
+    """The Ray Train worker's step (one worker, one micro-batch per step); returns the model for phase C
+    and, with --profile, the profile of the same step."""
     fresh_device(device)
     dtype = torch.float16 if cfg.training.precision == "fp16" else None
     model = build_trainable(cfg, dtype, device)
@@ -182,24 +197,41 @@ def run_project(args, cfg: TrainJobConfig, items: list[dict], pad_id: int, devic
     scaler = torch.amp.GradScaler(device.type, enabled=dtype is not None)
     schedule = TokenBudgetSchedule([len(x["input_ids"]) for x in items], args.seed, args.batch_tokens)
     model.train()
-    timed: list[list[int]] = []
-    for step in range(1, cfg.training.max_steps + 1):
-        if step == args.warmup + 1:
-            synchronize(device)
-            started = time.perf_counter()
+
+    def train_step(step: int) -> list[int]:
+        """One optimiser step on the step's batch, its parts named for the profiler; its rows' lengths."""
         torch.manual_seed(step_seed(args.seed, step, 0))
         rows = schedule.micro_batch_indices(step, 0, 1, 1, 0)
-        with autocast(device, dtype):
-            loss = model(**make_batch([items[i] for i in rows], pad_id, device))
-        backward(loss, scaler, 1)
-        optimizer_step(model, optimizer, scheduler, scaler, cfg.optim.max_grad_norm)
-        if step > args.warmup:
-            timed.append([len(items[i]["input_ids"]) for i in rows])
+        batch = make_batch([items[i] for i in rows], pad_id, device)
+        with record_function(profiling.FORWARD), autocast(device, dtype):
+            loss = model(**batch)
+        with record_function(profiling.BACKWARD):
+            backward(loss, scaler, 1)
+        with record_function(profiling.OPTIMIZER):
+            optimizer_step(model, optimizer, scheduler, scaler, cfg.optim.max_grad_norm)
+        return [len(items[i]["input_ids"]) for i in rows]
+
+    for step in range(1, args.warmup + 1):
+        train_step(step)
+    synchronize(device)
+    started = time.perf_counter()
+    timed = [train_step(step) for step in range(args.warmup + 1, cfg.training.max_steps + 1)]
     synchronize(device)
     seconds = time.perf_counter() - started
+    result = project_result(args, cfg, timed, seconds, device)
+    profile = None
+    if args.profile:
+        # The timed steps' batches again (shapes already compiled), after the last warm-up batch.
+        replay = [args.warmup + 1 + i % args.steps for i in range(args.profile)]
+        profile = profiling.profile_steps(train_step, args.warmup, replay, device, args.profile_trace)
+    return result, model, profile  # the optimiser goes with this frame: phase C needs the model only
+
+
+def project_result(args, cfg: TrainJobConfig, timed: list[list[int]], seconds: float, device) -> Result:
+    """Phase B's result from the row lengths of its timed batches."""
     lengths = [n for batch in timed for n in batch]
     compiled = "compiled, " if args.compile else ""
-    result = Result(
+    return Result(
         name=f"B  project, {compiled}{args.batch_tokens}-token batches",
         steps=args.steps,
         seconds=seconds,
@@ -209,8 +241,6 @@ def run_project(args, cfg: TrainJobConfig, items: list[dict], pad_id: int, devic
         flops=sum(flops_per_row(cfg.model, n) for n in lengths),
         peak_gib=peak_memory_gib(device),
     )
-    del optimizer, scheduler  # phase C needs the model only
-    return result, model
 
 
 def synchronize(device: torch.device) -> None:
@@ -252,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     items = load_items(args.data, tokenizer, args.max_length)
     cfg = project_config(args, model_cfg, device)  # validates the options before the long phases
     results = [] if args.skip_baseline else [run_baseline(args, model_cfg, items, tokenizer, device)]
-    result, model = run_project(args, cfg, items, tokenizer.pad_token_id, device)
+    result, model, profile = run_project(args, cfg, items, tokenizer.pad_token_id, device)
     results.append(result)
     check = None
     if args.check_rows:
@@ -266,9 +296,11 @@ def main(argv: list[str] | None = None) -> int:
         r.finish(tflops)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(table(results, check, device_name))
+    if profile:
+        print(profiling.format_summary(profile))
     if args.json_out:
         report = {"args": {k: str(v) for k, v in vars(args).items()}, "device": device_name, "peak_tflops": tflops}
-        report |= {"results": [asdict(r) for r in results], "agreement": check}
+        report |= {"results": [asdict(r) for r in results], "agreement": check, "profile": profile}
         args.json_out.write_text(json.dumps(report, indent=2))
     return 0 if check is None or check["agree"] else 1
 

@@ -1,6 +1,8 @@
 """A closed-loop HTTP load generator for the OpenAI-style streaming endpoint (asyncio + aiohttp,
 which Ray Serve itself depends on): C clients, each sending its next request as soon as its last one
-has finished, until N requests have been sent. Time to first token is measured here, on the client."""
+has finished, until N requests have been sent. With a ramp, client k of C waits k * ramp_s / C before
+its first request, so arrivals are spread instead of coming as one wave. Time to first token is
+measured here, on the client, from the moment each request is sent."""
 
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ class StreamResult:
     latency_s: float = 0.0
     error: str | None = None
     chunks: int = 0
+    client: int = 0  # which of the closed loop's clients sent it
+    sent_s: float = 0.0  # when it was sent, seconds after the load's first request
 
     @property
     def ok(self) -> bool:
@@ -33,9 +37,9 @@ class StreamResult:
 @dataclass
 class LoadResult:
     results: list[StreamResult]
-    wall_s: float
+    wall_s: float  # from the first request sent to the last one answered
     concurrency: int
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # ramp_s: the spread of the clients' first requests
 
 
 def _apply_chunk(result: StreamResult, payload: dict, start: float) -> None:
@@ -78,26 +82,34 @@ async def stream_one(session: aiohttp.ClientSession, url: str, body: dict, index
     return result
 
 
-async def _closed_loop(url: str, bodies: list[dict], concurrency: int, timeout_s: float) -> LoadResult:
+async def _closed_loop(url: str, bodies: list[dict], concurrency: int, timeout_s: float, ramp_s: float) -> LoadResult:
     next_index = iter(range(len(bodies)))
     results: list[StreamResult] = []
+    clients = min(concurrency, len(bodies))
     timeout = aiohttp.ClientTimeout(total=timeout_s)
     connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
 
-        async def client() -> None:
+        async def client(k: int) -> None:
+            await asyncio.sleep(k * ramp_s / clients)  # client 0 starts at once: the wall time starts with it
             for i in next_index:  # a shared iterator: each index goes to exactly one client
-                results.append(await stream_one(session, url, bodies[i], i))
+                sent = time.perf_counter() - start
+                result = await stream_one(session, url, bodies[i], i)
+                result.client, result.sent_s = k, sent
+                results.append(result)
 
         start = time.perf_counter()
-        await asyncio.gather(*(client() for _ in range(min(concurrency, len(bodies)))))
+        await asyncio.gather(*(client(k) for k in range(clients)))
         wall = time.perf_counter() - start
-    return LoadResult(sorted(results, key=lambda r: r.index), wall, concurrency)
+    return LoadResult(sorted(results, key=lambda r: r.index), wall, concurrency, {"ramp_s": ramp_s})
 
 
-def closed_loop(url: str, bodies: list[dict], concurrency: int, timeout_s: float = 900) -> LoadResult:
-    """Send every body (in order of index) from `concurrency` clients; blocks until all are answered."""
-    return asyncio.run(_closed_loop(url, bodies, concurrency, timeout_s))
+def closed_loop(
+    url: str, bodies: list[dict], concurrency: int, timeout_s: float = 900, ramp_s: float = 0.0
+) -> LoadResult:
+    """Send every body (in order of index) from `concurrency` clients; blocks until all are answered.
+    ramp_s > 0 spreads the clients' first requests evenly over that many seconds (0: all at once)."""
+    return asyncio.run(_closed_loop(url, bodies, concurrency, timeout_s, ramp_s))
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -122,6 +134,7 @@ def summarize(load: LoadResult) -> dict:
         "ok": len(ok),
         "failed": len(load.results) - len(ok),
         "concurrency": load.concurrency,
+        "ramp_s": load.extra.get("ramp_s", 0.0),
         "output_tokens": tokens,
         "wall_s": load.wall_s,
         "tok_s": tokens / load.wall_s if load.wall_s else None,

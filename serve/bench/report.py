@@ -53,27 +53,42 @@ def engine_rows(r: dict) -> list[tuple]:
     ]
 
 
-def serve_rows(r: dict) -> list[tuple]:
-    c, single = r["correctness"], r["single_request"]
-    load = f"{r['concurrency']} clients, {r['requests']} requests, streamed"
+def _load_rows(r: dict, start: str, suffix: str) -> list[tuple]:
+    """One timed HTTP load's rows; `start` says how its clients started, `suffix` tells its rows apart."""
+    c = r["correctness"]
+    wall = f"{r['output_tokens']} tokens in {r['wall_s']:.1f} s, first request sent to last answered"
+    if r.get("ramp_s"):  # client k of C starts k * ramp_s / C after client 0
+        clients = min(r["concurrency"], r["requests"])
+        wall += f", so incl. the ramp (the last client starts {r['ramp_s'] * (clients - 1) / clients:.3g} s in)"
     return [
         (
-            f"HTTP output throughput ({load})",
+            f"HTTP output throughput ({r['concurrency']} concurrent streams, {start})",
             r["tok_s"],
             "tok/s",
-            f"{r['output_tokens']} tokens in {r['wall_s']:.1f} s",
+            f"{r['requests']} requests, streamed; {wall}",
         ),
-        ("HTTP TTFT p50", r["ttft_p50_ms"], "ms", "client-side, first answer text"),
-        ("HTTP TTFT p99", r["ttft_p99_ms"], "ms", None),
-        ("HTTP inter-token p50", r["inter_token_p50_ms"], "ms/token", "(latency - TTFT) / (tokens - 1)"),
-        ("HTTP single request alone: TTFT p50", single["ttft_p50_ms"], "ms", None),
-        ("HTTP single request alone: inter-token p50", single["inter_token_p50_ms"], "ms/token", None),
+        (f"HTTP TTFT p50{suffix}", r["ttft_p50_ms"], "ms", "client-side, request sent to first answer text"),
+        (f"HTTP TTFT p99{suffix}", r["ttft_p99_ms"], "ms", None),
+        (f"HTTP inter-token p50{suffix}", r["inter_token_p50_ms"], "ms/token", "(latency - TTFT) / (tokens - 1)"),
         (
-            "answers equal the prompt's answer alone",
+            f"answers equal the prompt's answer alone{suffix}",
             f"{c['matching']}/{c['checked']}",
             "PASS" if c["passed"] else "FAIL",
             f"failed requests: {r['failed']}",
         ),
+    ]
+
+
+def serve_rows(r: dict) -> list[tuple]:
+    """The burst run (keys at the top level, row names as before), then the staggered run if there was one."""
+    single = r["single_request"]
+    rows = _load_rows(r, "all starting together", "")
+    if "staggered" in r:
+        spread = f"starts spread over {r['staggered']['ramp_s']:g} s"
+        rows += _load_rows(r["staggered"], spread, f", {spread}")
+    return rows + [
+        ("HTTP single request alone: TTFT p50", single["ttft_p50_ms"], "ms", None),
+        ("HTTP single request alone: inter-token p50", single["inter_token_p50_ms"], "ms/token", None),
     ]
 
 

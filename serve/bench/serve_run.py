@@ -1,7 +1,8 @@
 """The real Ray Serve app (serve.app's ChatServer, as `python -m serve` deploys it) under load over
 HTTP: each distinct prompt alone first (the reference answers, and single-request latency), one
-warm-up wave, then a closed loop of C streaming clients; every answer must equal its prompt's
-answer when it ran alone."""
+warm-up wave, then a closed loop of C streaming clients twice: all starting together ("burst": the
+engine sees waves of C new prompts) and with their first requests spread over a ramp ("staggered",
+closer to real traffic). Every answer must equal its prompt's answer when it ran alone."""
 
 from __future__ import annotations
 
@@ -72,9 +73,35 @@ def check_against_reference(load: LoadResult, reference: list[StreamResult], n_p
     }
 
 
-def run_serve_load(
-    url: str, prompts: list[BenchPrompt], requests: int, concurrency: int, max_tokens: int, warmup: int, log
+def timed_load(
+    endpoint: str, bodies: list[dict], requests: int, concurrency: int, ramp_s: float, alone: LoadResult
 ) -> dict:
+    """One timed closed loop of `requests` requests: its figures and the check against the answers alone."""
+    load = closed_loop(endpoint, [bodies[i % len(bodies)] for i in range(requests)], concurrency, ramp_s=ramp_s)
+    stats = summarize(load)
+    stats["correctness"] = check_against_reference(load, alone.results, len(bodies))
+    return stats
+
+
+def _log_run(log, name: str, stats: dict) -> None:
+    c, ttft = stats["correctness"], stats["ttft_p50_ms"]
+    ttft_text = "n/a" if ttft is None else f"{ttft:.1f} ms"
+    answers = f"answers {c['matching']}/{c['checked']} equal to alone"
+    log(f"serve {name}: {stats['tok_s']:.1f} tok/s, TTFT p50 {ttft_text}, {answers}")
+
+
+def run_serve_load(
+    url: str,
+    prompts: list[BenchPrompt],
+    requests: int,
+    concurrency: int,
+    max_tokens: int,
+    warmup: int,
+    log,
+    ramp_s: float = 0.0,
+) -> dict:
+    """The burst run's figures at the top level (as before the staggered run existed), the staggered
+    run's under "staggered" (absent when ramp_s is 0), and the single requests' under "single_request"."""
     endpoint = f"{url}/v1/chat/completions"
     bodies = [chat_body(p, max_tokens) for p in prompts]
     alone = closed_loop(endpoint, bodies, concurrency=1)
@@ -88,9 +115,11 @@ def run_serve_load(
     if warmup:  # the first full batch captures the engine's larger CUDA graphs
         closed_loop(endpoint, [bodies[i % len(bodies)] for i in range(warmup)], concurrency)
         log(f"serve warm-up: {warmup} requests")
-    load = closed_loop(endpoint, [bodies[i % len(bodies)] for i in range(requests)], concurrency)
-    stats = summarize(load)
-    stats["correctness"] = check_against_reference(load, alone.results, len(prompts))
+    stats = timed_load(endpoint, bodies, requests, concurrency, 0.0, alone)
+    _log_run(log, "burst (all clients start together)", stats)
+    if ramp_s > 0:
+        stats["staggered"] = timed_load(endpoint, bodies, requests, concurrency, ramp_s, alone)
+        _log_run(log, f"staggered (starts spread over {ramp_s:g} s)", stats["staggered"])
     stats["single_request"] = {k: single[k] for k in ("ttft_p50_ms", "inter_token_p50_ms", "latency_p50_s")}
     return stats
 
