@@ -1,8 +1,9 @@
 """The Ray Data pipeline: read questions -> build prompts -> generate on an actor pool -> write Parquet.
 
-Everything streams: read tasks emit blocks of ROWS_PER_BLOCK rows, the actor pool answers
-`compute.batch_size` rows a call, and the write operator turns about `output.rows_per_file` rows
-into one atomically written Parquet file. No step holds the whole input.
+Everything streams: read tasks emit blocks, a streaming repartition cuts them into blocks of exactly
+`compute.batch_size` rows, the actor pool answers one such block a call, and the write operator turns
+about `output.rows_per_file` rows into one atomically written Parquet file. No step holds the whole
+input.
 """
 
 from __future__ import annotations
@@ -98,8 +99,11 @@ class Answerer:
     """
 
     def __init__(self, job: dict, done_ids, engine_factory: Callable | None = None):
+        logging.basicConfig(level=logging.INFO, format="%(message)s")  # this actor's own process
+        started = time.perf_counter()
         cfg = BatchJobConfig.model_validate(job)
         self.engine = (engine_factory or make_engine)(cfg)
+        log.info("answerer: engine ready in %.1f s", time.perf_counter() - started)
         self.params = sampling_params(cfg)
         self.adapter = ADAPTER_NAME if cfg.adapter else None
         self.retries = cfg.compute.batch_retries
@@ -122,9 +126,13 @@ class Answerer:
             if row["error"] is None:
                 self._check_length(row)
         todo = [r for r in rows if r["error"] is None]
+        started = time.perf_counter()
         results = generate_with_retries(
             self.engine, [r["prompt"] for r in todo], self.params, self.adapter, self.retries
         )
+        seconds = time.perf_counter() - started
+        tokens = sum(r.completion_tokens for r in results if not isinstance(r, Exception))
+        log.info("answerer: %d rows, %d tokens in %.2f s (%.0f tok/s)", len(todo), tokens, seconds, tokens / seconds)
         for row, result in zip(todo, results, strict=True):
             if isinstance(result, Exception):
                 row["error"] = f"generation_failed: {type(result).__name__}: {result}"
@@ -182,11 +190,19 @@ def actor_pool(cfg: BatchJobConfig) -> ActorPoolStrategy:
     return ActorPoolStrategy(min_size=c.num_actors, max_size=c.max_actors)
 
 
-def build_dataset(cfg: BatchJobConfig, files: InputFiles, done_ids: pa.Array, engine_factory: Callable | None = None):
-    """The lazy Dataset of answer rows (nothing runs until it is written)."""
+def question_blocks(cfg: BatchJobConfig, files: InputFiles):
+    """The questions with their prompts, in blocks of exactly compute.batch_size rows (the last one
+    fewer): one block is one engine call. Left to itself Ray Data merges small blocks until a call is
+    full, so calls came a few rows over (each leaving a tiny extra call behind), and a whole
+    2,000-row file could reach one actor as one task while the rest of the pool sat idle."""
     ds = ray.data.read_datasource(QuestionDatasource(files, cfg.input))
     ds = ds.map_batches(build_prompts, batch_format="pyarrow", batch_size=None)
-    return ds.map_batches(
+    return ds.repartition(target_num_rows_per_block=cfg.compute.batch_size, strict=True)
+
+
+def build_dataset(cfg: BatchJobConfig, files: InputFiles, done_ids: pa.Array, engine_factory: Callable | None = None):
+    """The lazy Dataset of answer rows (nothing runs until it is written)."""
+    return question_blocks(cfg, files).map_batches(
         Answerer,
         batch_size=cfg.compute.batch_size,
         batch_format="pyarrow",

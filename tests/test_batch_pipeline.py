@@ -134,6 +134,21 @@ def thousand(ray_session, tiny_adapter, tmp_path_factory):
     return SimpleNamespace(cfg=cfg, ids=ids, summary=run_batch(cfg), adapter=str(tiny_adapter))
 
 
+def test_read_blocks_hold_one_engine_call_each(ray_session, tmp_path):
+    """Every engine call gets exactly compute.batch_size rows (the last one fewer), whatever blocks the
+    reads produce."""
+    from batch.io import list_inputs
+    from batch.pipeline import question_blocks
+
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    write_questions(first, 50)
+    write_questions(second, 20)
+    cfg = batch_config(tmp_path, tmp_path / "out", "compute.batch_size=16")
+    blocks = question_blocks(cfg, list_inputs(str(tmp_path)))
+    sizes = sorted(b.num_rows for b in blocks.iter_batches(batch_size=None, batch_format="pyarrow"))
+    assert sizes == [6, 16, 16, 16, 16]
+
+
 def test_thousand_questions_give_one_row_each_with_the_fixed_schema(thousand):
     files = answer_files(thousand.cfg.output.path)
     assert files and all(pq.read_schema(f).equals(OUTPUT_SCHEMA) for f in files)

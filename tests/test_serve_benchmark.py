@@ -185,7 +185,7 @@ TINY_RUN = [
     "--model-name", "tiny-mistral", "--device", "cpu", "--prompt-tokens", "64", "--max-tokens", "16",
     "--distinct-prompts", "4", "--single-repeats", "1", "--hf-new-tokens", "8", "--hf-batch", "4",
     "--hf-cb-requests", "4", "--concurrency", "4", "--requests", "8", "--adapter-batch", "4",
-    "--batch-questions", "40", "--batch-max-tokens", "8", "--batch-gpus", "0",
+    "--batch-questions", "40", "--batch-max-tokens", "8", "--batch-gpus", "0", "--batch-max-batch-size", "4",
 ]  # fmt: skip
 
 
@@ -281,3 +281,7 @@ def test_batch_job_figures(tiny_benchmark):
     assert run["actors"] == 1 and run["rows_written"] == run["distinct_ids"] == 40 and run["error_rows"] == 0
     assert run["output_tokens"] > 0 and positive(run["tok_s"]) and positive(run["job_wall_s"])
     assert "compute.num_gpus_per_actor=0" in run["command"]
+    # The actor's own timing lines: 40 questions at 4 x max_batch_size = 16 rows per call.
+    assert "compute.batch_size=16" in run["command"]
+    assert run["engine_calls"] == 3 and len(run["engine_ready_s"]) == 1
+    assert run["engine_tok_s_per_gpu"] > run["tok_s"]  # start-up excluded

@@ -69,6 +69,7 @@ def run_batch_job(
         *overrides,
     ]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    env["RAY_DEDUP_LOGS"] = "0"  # every actor's timing lines, even where two read alike
     if ray_address:
         env["RAY_ADDRESS"] = ray_address  # join this benchmark's Ray instance, never another on the machine
     start = time.perf_counter()
@@ -85,5 +86,20 @@ def run_batch_job(
         "process_wall_s": process_wall,
         "job_wall_s": float(job_wall.group(1)) if job_wall else process_wall,
         "summary": summary.strip().splitlines()[1:],
+        **engine_calls(text),
         **read_output(output),
+    }
+
+
+def engine_calls(log_text: str) -> dict:
+    """The actors' own timing lines (batch/pipeline.py's Answerer): the engines' start-up, and output
+    tokens per second of engine time. An actor's calls run one after another on its GPU, so total
+    tokens over total call seconds is the rate of one GPU while it answers, start-up excluded."""
+    calls = [(int(t), float(s)) for t, s in re.findall(r"answerer: \d+ rows, (\d+) tokens in ([0-9.]+) s", log_text)]
+    ready = [float(s) for s in re.findall(r"answerer: engine ready in ([0-9.]+) s", log_text)]
+    seconds = sum(s for _, s in calls)
+    return {
+        "engine_calls": len(calls),
+        "engine_ready_s": ready,
+        "engine_tok_s_per_gpu": sum(t for t, _ in calls) / seconds if seconds else None,
     }

@@ -122,6 +122,14 @@ def batch_rows(r: dict) -> list[tuple]:
         rows += [
             (f"{who}: output throughput", run["tok_s"], "tok/s", f"{run['output_tokens']} tokens, job wall time"),
             (f"{who}: per GPU", run.get("tok_s_per_gpu"), "tok/s", None),
+            (
+                f"{who}: per GPU while answering",
+                run.get("engine_tok_s_per_gpu"),
+                "tok/s",
+                f"engine calls only ({run.get('engine_calls', 0)}), start-up excluded; engines ready after "
+                + ", ".join(f"{s:.0f}" for s in run.get("engine_ready_s", []))
+                + " s",
+            ),
             (f"{who}: wall time", run["job_wall_s"], "s", f"process incl. start-up {run['process_wall_s']:.0f} s"),
             (
                 f"{who}: rows written",
