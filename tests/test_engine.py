@@ -195,3 +195,16 @@ def test_bad_parameters_are_rejected(engine, params):
 def test_unknown_adapter(engine):
     with pytest.raises(UnknownModel, match="nope"):
         engine.generate(["hi"], SamplingParams(), adapter="nope")
+
+
+def test_engine_warms_up_before_it_is_returned(caplog):
+    """Compiling and capturing (on a GPU) happen in the constructor, not in the first user's request."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="mistral_qa.engine.core"):
+        eng = Engine(EngineConfig(model=TINY, max_batch_size=2))
+    try:
+        assert any("warmed up" in r.getMessage() for r in caplog.records)
+        assert eng.pending == 0
+    finally:
+        eng.close()

@@ -6,6 +6,8 @@ import asyncio
 import collections
 import concurrent.futures
 import copy
+import logging
+import time
 from collections.abc import AsyncIterator
 
 from ..prompt import STOP_STRINGS
@@ -17,6 +19,8 @@ from .request import Completion, Delta, Request, SamplingParams
 from .runner import StepRunner
 from .scheduler import Scheduler
 from .textstream import TextStream
+
+log = logging.getLogger(__name__)
 
 
 def eos_ids(model, tokenizer) -> set[int]:
@@ -53,6 +57,18 @@ class Engine:
         # The engine thread detokenises while callers tokenise; fast tokenizers are not safe to share
         # across threads ("Already borrowed"), so the engine thread gets its own copy.
         self._decoder = copy.deepcopy(self.tokenizer)
+        try:
+            self._warm_up()
+        except Exception:
+            self.close()
+            raise
+
+    def _warm_up(self) -> None:
+        """Answer one short prompt, so that compiling the decode layer and capturing the first CUDA
+        graphs (tens of seconds on a GPU) happen while the engine starts, not in a user's request."""
+        started = time.perf_counter()
+        self.generate(["Hello"], SamplingParams(max_tokens=4, temperature=0.0), adapter=self.model_names[0])
+        log.info("engine warmed up in %.1f s", time.perf_counter() - started)
 
     @property
     def model_names(self) -> list[str]:
