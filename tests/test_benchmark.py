@@ -39,9 +39,12 @@ def test_benchmark_runs_both_phases_and_the_losses_agree(tmp_path):
     assert "B  project, 512-token batches" in result.stdout
     assert "-> PASS" in result.stdout
     report = json.loads(out.read_text())
-    baseline, project = report["results"]
-    for r in (baseline, project):
+    assert "B' the same batches again" in result.stdout and "speedup (non-pad tok/s, B'/A)" in result.stdout
+    baseline, project, again = report["results"]
+    for r in (baseline, project, again):
         assert r["steps"] == 2 and r["tokens"] > 0 and r["s_per_step"] > 0 and r["mfu_pct"] is None  # no MFU on CPU
+    assert len(project["step_seconds"]) == 2 and sum(project["step_seconds"]) == pytest.approx(project["seconds"])
+    assert (again["tokens"], again["padded_tokens"]) == (project["tokens"], project["padded_tokens"])
     assert baseline["rows"] == 16  # 2 steps x 8 rows
     assert project["padding_pct"] < baseline["padding_pct"]
     check = report["agreement"]

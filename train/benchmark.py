@@ -12,6 +12,9 @@ the same base weights (model.source=random, seed 0) and LoRA r=16 on q_proj/v_pr
      padded to the longest (train/hf_baseline.py);
   B. the project's step (train/step.py, as the Ray Train workers run it): --batch-tokens
      length-grouped batches, no attention mask, lm_head only on labelled positions, --compile;
+  B'. B's batches timed a second time (--no-second-pass skips it): the first visit of a batch shape
+     can cost more than later ones (compilation guards, allocator growth, per-shape kernel plans),
+     and a long run sees most of its shapes many times;
   C. per-token losses of B's path against HF's forward on --check-rows rows (train/agreement.py).
 
 Each phase starts from an empty device (memory freed, peak reset). Prints one table: seconds per
@@ -29,7 +32,7 @@ import json
 import logging
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -65,6 +68,7 @@ class Result:
     tokens_per_s: float = 0.0
     padding_pct: float = 0.0
     mfu_pct: float | None = None
+    step_seconds: list[float] = field(default_factory=list)  # each timed step, in order
 
     def finish(self, peak_tflops: float | None) -> Result:
         self.s_per_step = self.seconds / self.steps
@@ -106,6 +110,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, help="the card's dense fp16 peak (default: from its name)")
     p.add_argument("--seed", type=int, default=1234, help="data order, LoRA init and dropout")
     p.add_argument("--json-out", type=Path, help="write the results here as JSON")
+    p.add_argument(
+        "--second-pass",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="time B's batches a second time (B'): the first visit of a batch shape can cost extra",
+    )
     p.add_argument("--profile", type=non_negative, default=0, help="then profile this many of B's steps (0: off)")
     p.add_argument("--profile-trace", type=Path, help="with --profile: write a chrome trace here (.gz: gzipped)")
     return p.parse_args(argv)
@@ -186,9 +196,9 @@ def project_config(args, model_cfg: ModelConfig, device: torch.device) -> TrainJ
 
 def run_project(
     args, cfg: TrainJobConfig, items: list[dict], pad_id: int, device
-) -> tuple[Result, torch.nn.Module, dict | None]:
-    """The Ray Train worker's step (one worker, one micro-batch per step); returns the model for phase C
-    and, with --profile, the profile of the same step."""
+) -> tuple[list[Result], torch.nn.Module, dict | None]:
+    """The Ray Train worker's step (one worker, one micro-batch per step): B's result (and B''s), the
+    model for phase C and, with --profile, the profile of the same step."""
     fresh_device(device)
     dtype = torch.float16 if cfg.training.precision == "fp16" else None
     model = build_trainable(cfg, dtype, device)
@@ -213,28 +223,43 @@ def run_project(
 
     for step in range(1, args.warmup + 1):
         train_step(step)
-    synchronize(device)
-    started = time.perf_counter()
-    timed = [train_step(step) for step in range(args.warmup + 1, cfg.training.max_steps + 1)]
-    synchronize(device)
-    seconds = time.perf_counter() - started
-    result = project_result(args, cfg, timed, seconds, device)
+    steps = range(args.warmup + 1, cfg.training.max_steps + 1)
+    results = [project_result(args, cfg, *timed_steps(train_step, steps, device), device)]
+    if args.second_pass:  # the same batches again: every batch shape has been seen once
+        timed, seconds = timed_steps(train_step, steps, device)
+        results.append(project_result(args, cfg, timed, seconds, device, second=True))
     profile = None
     if args.profile:
         # The timed steps' batches again (shapes already compiled), after the last warm-up batch.
         replay = [args.warmup + 1 + i % args.steps for i in range(args.profile)]
         profile = profiling.profile_steps(train_step, args.warmup, replay, device, args.profile_trace)
-    return result, model, profile  # the optimiser goes with this frame: phase C needs the model only
+    return results, model, profile  # the optimiser goes with this frame: phase C needs the model only
 
 
-def project_result(args, cfg: TrainJobConfig, timed: list[list[int]], seconds: float, device) -> Result:
+def timed_steps(train_step, steps: range, device) -> tuple[list[list[int]], list[float]]:
+    """Run the steps; each one's row lengths and seconds (its loss.item() waits for the device)."""
+    synchronize(device)
+    timed, seconds = [], []
+    for step in steps:
+        started = time.perf_counter()
+        timed.append(train_step(step))
+        synchronize(device)
+        seconds.append(time.perf_counter() - started)
+    return timed, seconds
+
+
+def project_result(
+    args, cfg: TrainJobConfig, timed: list[list[int]], step_seconds: list[float], device, second: bool = False
+) -> Result:
     """Phase B's result from the row lengths of its timed batches."""
     lengths = [n for batch in timed for n in batch]
     compiled = "compiled, " if args.compile else ""
+    name = "B' the same batches again" if second else f"B  project, {compiled}{args.batch_tokens}-token batches"
     return Result(
-        name=f"B  project, {compiled}{args.batch_tokens}-token batches",
+        name=name,
         steps=args.steps,
-        seconds=seconds,
+        seconds=sum(step_seconds),
+        step_seconds=step_seconds,
         rows=len(lengths),
         tokens=sum(lengths),
         padded_tokens=sum(len(batch) * max(batch) for batch in timed),
@@ -257,8 +282,10 @@ def table(results: list[Result], check: dict | None, device_name: str) -> str:
             f"{r.name:44}{r.s_per_step:8.3f}{r.tokens_per_s:15,.0f}{r.padding_pct:11.1f}{mfu:>8}"
             f"{r.peak_gib:10.2f}{r.rows / r.steps:11.1f}"
         )
-    if len(results) == 2:
-        lines.append(f"speedup (non-pad tok/s, B/A): {results[1].tokens_per_s / results[0].tokens_per_s:.2f}x")
+    if len(results) > 1 and results[0].name.startswith("A"):
+        for r in results[1:]:
+            ratio = r.tokens_per_s / results[0].tokens_per_s
+            lines.append(f"speedup (non-pad tok/s, {r.name.split()[0]}/A): {ratio:.2f}x")
     if check:
         verdict = "PASS" if check["agree"] else "FAIL"
         lines.append(
@@ -282,8 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     items = load_items(args.data, tokenizer, args.max_length)
     cfg = project_config(args, model_cfg, device)  # validates the options before the long phases
     results = [] if args.skip_baseline else [run_baseline(args, model_cfg, items, tokenizer, device)]
-    result, model, profile = run_project(args, cfg, items, tokenizer.pad_token_id, device)
-    results.append(result)
+    project, model, profile = run_project(args, cfg, items, tokenizer.pad_token_id, device)
+    results += project
     check = None
     if args.check_rows:
         dtype = torch.float16 if device.type == "cuda" else torch.float32
