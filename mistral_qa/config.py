@@ -139,6 +139,13 @@ class EngineSettings(StrictModel):
     compile: bool = Field(
         True, description="CUDA: torch.compile the decode step's layer (fused kernels); false: plain PyTorch ops."
     )
+    prefill_tokens: int = Field(
+        1024,
+        ge=16,
+        description="Prompts are prefilled packed, up to this many tokens a forward (on CUDA padded to exactly "
+        "this many, so an answer does not depend on its batch-mates; longer prompts run alone). Smaller: a lone "
+        "prompt's first token comes sooner; larger: fewer forwards when many prompts arrive together.",
+    )
 
 
 class TrainJobConfig(StrictModel):

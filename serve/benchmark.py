@@ -54,6 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"])
     p.add_argument("--max-batch-size", type=int, default=64, help="engine.max_batch_size everywhere")
     p.add_argument("--max-context", type=int, default=1024, help="engine.max_context everywhere")
+    p.add_argument("--prefill-tokens", type=int, default=1024, help="engine.prefill_tokens everywhere")
     p.add_argument("--prompt-tokens", type=int, default=256, help="length of each distinct prompt (tokens)")
     p.add_argument("--max-tokens", type=int, default=256, help="new tokens per request (engine, serve, adapters)")
     p.add_argument("--distinct-prompts", type=int, default=16, help="distinct prompts, reused across requests")
@@ -143,7 +144,13 @@ class Bench:
 
     def engine_settings(self) -> dict:
         a = self.args
-        return {"device": a.device, "dtype": a.dtype, "max_batch_size": a.max_batch_size, "max_context": a.max_context}
+        return {
+            "device": a.device,
+            "dtype": a.dtype,
+            "max_batch_size": a.max_batch_size,
+            "max_context": a.max_context,
+            "prefill_tokens": a.prefill_tokens,
+        }
 
     def engine_config(self):
         from mistral_qa.engine import EngineConfig

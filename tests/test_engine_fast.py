@@ -89,6 +89,21 @@ def test_rows_ending_on_eos_leave_mid_batch(engine, references):
     assert len(got[0]) <= 6 and max(len(g) for g in got) == MAX_NEW
 
 
+def test_small_prefill_packs_equal_generate(references):
+    """engine.prefill_tokens: prompts up to 48 tokens go in packs padded to 48 (as on a GPU), longer
+    ones alone; every answer is still plain `generate`'s."""
+    eng = Engine(EngineConfig(model=TINY, max_batch_size=4, prefill_tokens=48))
+    try:
+        steps = swap_steps(eng, padded=True, prefill_tokens=48)
+        lengths = [eng.count_tokens(p) for p in PROMPTS]
+        assert min(lengths) <= 48 < max(lengths)
+        got = [c.token_ids for c in eng.generate(PROMPTS, SamplingParams(max_tokens=MAX_NEW))]
+    finally:
+        eng.close()
+    assert steps.prefill_padding(40) == (48, 64) and steps.prefill_padding(49) == (None, 64)
+    assert got == references
+
+
 def test_cache_grows_with_the_longest_sequence(engine, references):
     decoder = engine._scheduler._runner.decoder
     assert decoder.capacity <= 256

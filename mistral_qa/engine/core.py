@@ -50,8 +50,9 @@ class Engine:
         loaded = self._loaded
         adapters = [] if loaded.merged else list(loaded.adapters)  # merged: the weights hold the adapter
         decoder = SlotDecoder(loaded.model, adapters, cfg.max_batch_size, self.max_context)
+        eos = eos_ids(loaded.model, self.tokenizer)
         runner = StepRunner(
-            decoder, adapters, cfg.max_batch_size, self.max_context, eos_ids(loaded.model, self.tokenizer), cfg.compile
+            decoder, adapters, cfg.max_batch_size, self.max_context, eos, cfg.compile, cfg.prefill_tokens
         )
         self._scheduler = Scheduler(runner)
         # The engine thread detokenises while callers tokenise; fast tokenizers are not safe to share

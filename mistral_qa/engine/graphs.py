@@ -15,7 +15,9 @@ from .decoder import SlotDecoder
 
 GEMM_ROWS = 64  # CUDA: least rows in every decode matmul
 MIN_CONTEXT = 128  # CUDA: least cache columns attention reads
-PREFILL_TOKENS = 1024  # CUDA: shorter prompts run packed and padded to this many tokens; longer ones alone
+PREFILL_TOKENS = (
+    1024  # default pack: shorter prompts run packed (on CUDA padded to this many tokens); longer ones alone
+)
 
 
 def host_longs(values: list[int], device: torch.device) -> torch.Tensor:
@@ -31,10 +33,16 @@ def _pow2(n: int) -> int:
 
 class DecodeSteps:
     def __init__(
-        self, decoder: SlotDecoder, compile: bool = False, use_graphs: bool | None = None, padded: bool | None = None
+        self,
+        decoder: SlotDecoder,
+        compile: bool = False,
+        use_graphs: bool | None = None,
+        padded: bool | None = None,
+        prefill_tokens: int = PREFILL_TOKENS,
     ):
         """use_graphs and padded (bucketed shapes) default to whether the decoder is on CUDA."""
         self.decoder = decoder
+        self.prefill_tokens = prefill_tokens
         cuda = decoder.device.type == "cuda"
         self.use_graphs = cuda if use_graphs is None else use_graphs
         self.padded = cuda if padded is None else padded
@@ -63,7 +71,7 @@ class DecodeSteps:
         """(pad_tokens, pad_rows) for a prefill forward of total_tokens packed prompt tokens."""
         if not self.padded:
             return None, None
-        return (PREFILL_TOKENS if total_tokens <= PREFILL_TOKENS else None), GEMM_ROWS
+        return (self.prefill_tokens if total_tokens <= self.prefill_tokens else None), GEMM_ROWS
 
     # -- running ---------------------------------------------------------------------------------
 

@@ -39,9 +39,11 @@ class StepRunner:
         max_context: int,
         eos_ids: set[int],
         compile: bool = False,
+        prefill_tokens: int = PREFILL_TOKENS,
     ):
         self.decoder = decoder
-        self.steps = DecodeSteps(decoder, compile=compile and decoder.device.type == "cuda")
+        cuda = decoder.device.type == "cuda"
+        self.steps = DecodeSteps(decoder, compile=compile and cuda, prefill_tokens=prefill_tokens)
         self.adapter_index = {name: i for i, name in enumerate(adapters)}
         self.max_batch_size = max_batch_size
         self.max_context = max_context
@@ -137,7 +139,7 @@ class StepRunner:
                 request.on_delta(Delta("", error=Cancelled()))
             else:
                 chosen.append(request)
-        for chunk in prefill_chunks(chosen, PREFILL_TOKENS):
+        for chunk in prefill_chunks(chosen, self.steps.prefill_tokens):
             self._prefill(chunk)
 
     def _prefill(self, requests: list[Request]) -> None:
