@@ -15,6 +15,10 @@ and "staggered", client k of C starting k * --serve-ramp-s / C later (closer to 
 about as long as one request spreads arrivals evenly over the decode cycle; --serve-ramp-s 0 skips
 the staggered run.
 
+The engine phase also profiles the engine's GPU work alone (--profile-steps, serve/bench/engine_profile.py):
+a decode step at 1 and at --max-batch-size sequences and one prefill pack, by kernel category, with
+optional chrome traces (--profile-trace-dir).
+
 Phases run in this order: engine, adapters, serve, batch, hf (the baselines last: they are the
 slowest and least important figures); the table lists them as hf, engine, serve, adapters, batch.
 Each phase frees its GPU memory before the next, prints progress as it goes, and the JSON is
@@ -59,6 +63,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=256, help="new tokens per request (engine, serve, adapters)")
     p.add_argument("--distinct-prompts", type=int, default=16, help="distinct prompts, reused across requests")
     p.add_argument("--single-repeats", type=int, default=3, help="timed single-stream runs (median reported)")
+    p.add_argument(
+        "--profile-steps", type=int, default=20, help="engine phase: profile this many decode steps / prefills (0: off)"
+    )
+    p.add_argument("--profile-trace-dir", type=Path, default=None, help="engine phase: write chrome traces here")
     p.add_argument("--hf-new-tokens", type=int, default=64, help="new tokens per HF baseline request")
     p.add_argument("--hf-batch", type=int, default=32, help="batch of the HF model.generate baseline")
     p.add_argument("--hf-cb-requests", type=int, default=64, help="requests for HF generate_batch (0: skip)")
@@ -186,7 +194,9 @@ class Bench:
 
 def phase_engine(b: Bench) -> dict:
     from mistral_qa.engine import Engine
+    from mistral_qa.profiling import format_summary
 
+    from .bench.engine_profile import profile_engine
     from .bench.engine_runs import single_stream
 
     a = b.args
@@ -196,11 +206,21 @@ def phase_engine(b: Bench) -> dict:
         load_s = time.perf_counter() - start
         try:
             single = single_stream(engine, b.prompts[0].prompt, a.max_tokens, a.single_repeats)
+            profile = {}
+            if a.profile_steps:
+                context = min(a.prompt_tokens + a.max_tokens, a.max_context)
+                rows = sorted({1, a.max_batch_size})
+                profile = profile_engine(
+                    engine, b.prompts[0].prompt, rows, context, a.profile_steps, a.profile_trace_dir
+                )
+                for name, summary in profile.items():
+                    log(f"engine profile, {name}:\n{format_summary(summary)}")
         finally:
             engine.close()
             del engine
         return {
             "single": single,
+            "profile": profile,
             "load_s": load_s,
             "peak_gpu_gib": peak.read(),
             "peak_note": "torch max_memory_allocated (weights + KV cache slots)",

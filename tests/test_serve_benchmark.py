@@ -186,6 +186,7 @@ TINY_RUN = [
     "--distinct-prompts", "4", "--single-repeats", "1", "--hf-new-tokens", "8", "--hf-batch", "4",
     "--hf-cb-requests", "4", "--concurrency", "4", "--requests", "8", "--adapter-batch", "4",
     "--batch-questions", "40", "--batch-max-tokens", "8", "--batch-gpus", "0", "--batch-max-batch-size", "4",
+    "--profile-steps", "3",
 ]  # fmt: skip
 
 
@@ -235,6 +236,14 @@ def test_hf_and_engine_figures(tiny_benchmark):
     single = engine["single"]
     assert 56 <= single["prompt_tokens"] <= 64 and single["output_tokens"] >= 8
     assert positive(single["decode_ms_per_token"]) and positive(single["ttft_ms"])
+    # The profile: a decode step alone at 1 and 64 sequences (the default max_batch_size), and a prefill pack.
+    names = list(engine["profile"])
+    assert len(names) == 3 and names[0].startswith("decode step, 1 sequence") and "64 sequence" in names[1]
+    assert names[2].startswith("prefill pack, ")
+    for summary in engine["profile"].values():
+        assert summary["steps"] == 3 and positive(summary["wall_ms_per_step"]) and summary["top_kernels"]
+    markdown = tiny_benchmark[1]
+    assert "| engine | profile: decode step, 64 sequence(s)" in markdown
 
 
 @pytest.mark.slow  # one whole tiny run of every phase (~1.5-3 min)

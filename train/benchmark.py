@@ -21,7 +21,7 @@ Each phase starts from an empty device (memory freed, peak reset). Prints one ta
 step, non-padding tokens/s, padding, MFU (LoRA: (4N + 12 L d T) FLOPs per token, N the matmul
 weights incl. lm_head, T the row's length; fp16 dense peak of the card) and peak memory.
 Exits 1 when C's losses disagree. --profile N then runs N of B's timed batches again under torch.profiler
-(train/profiling.py) and prints the time per kernel category, per step part and of the top kernels.
+(mistral_qa/profiling.py) and prints the time per kernel category, per step part and of the top kernels.
 """
 
 from __future__ import annotations
@@ -38,12 +38,13 @@ from pathlib import Path
 import torch
 from torch.profiler import record_function
 
+from mistral_qa import profiling
 from mistral_qa.config import DataConfig, LoraSettings, ModelConfig, TrainingConfig, TrainJobConfig
 from mistral_qa.data import clean_rows, read_rows
 from mistral_qa.model import RANDOM_SHAPES, load_tokenizer
 from mistral_qa.prompt import build_prompt
 
-from . import agreement, hf_baseline, profiling
+from . import agreement, hf_baseline
 from .batches import TokenBudgetSchedule, step_seed
 from .optim import build_optimizer, build_scheduler
 from .step import autocast, backward, build_trainable, make_batch, optimizer_step, peak_memory_gib

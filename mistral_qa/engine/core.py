@@ -72,6 +72,11 @@ class Engine:
         log.info("engine warmed up in %.1f s", time.perf_counter() - started)
 
     @property
+    def device(self):
+        """The torch.device the model runs on."""
+        return self._loaded.device
+
+    @property
     def model_names(self) -> list[str]:
         """Names a request may ask for: the base (unless an adapter is merged into it) and each adapter."""
         return self.adapter_names if self._loaded.merged else [self.base_name, *self.adapter_names]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from mistral_qa import profiling as P
+
 ORDER = ("hf", "engine", "serve", "adapters", "batch")
 
 
@@ -47,10 +49,19 @@ def hf_rows(r: dict) -> list[tuple]:
 def engine_rows(r: dict) -> list[tuple]:
     s = r["single"]
     shape = f"{s['prompt_tokens']}-token prompt, {s['output_tokens']} tokens, median of {s['repeats']}"
-    return [
+    rows = [
         ("single stream: decode (first to last token)", s["decode_ms_per_token"], "ms/token", shape),
         ("single stream: TTFT", s["ttft_ms"], "ms", "submit to first token"),
     ]
+    for name, p in r.get("profile", {}).items():
+        ms = {c["name"]: c["ms_per_step"] for c in p["categories"]}
+        top = p["top_kernels"][0]["name"][:40] if p["top_kernels"] else "-"
+        note = (
+            f"{p['source']}: busy {100 - p['idle_pct']:.0f}%; matmul {ms[P.MATMUL]:.2f} ms, attention "
+            f"{ms[P.ATTENTION]:.2f}, fused {ms[P.TRITON]:.2f}, other aten {ms[P.ATEN]:.2f}; top {top}"
+        )
+        rows.append((f"profile: {name}", p["wall_ms_per_step"], "ms", note))
+    return rows
 
 
 def _load_rows(r: dict, start: str, suffix: str) -> list[tuple]:

@@ -1,4 +1,4 @@
-"""train/profiling.py: kernel names to categories, the summary of (synthetic) CUDA events, and
+"""mistral_qa/profiling.py: kernel names to categories, the summary of (synthetic) CUDA events, and
 `python -m train.benchmark --profile` end to end on CPU with the tiny Mistral."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 from torch.autograd import DeviceType
 from torch.autograd.profiler_util import FunctionEvent
 
-from train import profiling as P
+from mistral_qa import profiling as P
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,15 +1,18 @@
-"""Where the time of a training step goes: a few steps under torch.profiler, summarised by kernel category.
+"""Where the time of a step goes: a few steps under torch.profiler, summarised by kernel category.
 
-Used by `python -m train.benchmark --profile N`. On CUDA the summary is about device work (kernels,
-memcpy, memset): the GPU is busy where any of it runs (intervals merged across streams) and idle
-otherwise, so the idle share is what the CPU side (Python, launches, syncs) costs the step. On CPU there
-are no kernels: the same summary is built from the ops' self CPU times (user annotations such as the
-ranges below left out, so their Python time counts as idle), which lets CI run it.
+Used by `python -m train.benchmark --profile N` (a training step) and `python -m serve.benchmark`'s
+profile phase (the engine's decode step and prefill). On CUDA the summary is about device work
+(kernels, memcpy, memset): the GPU is busy where any of it runs (intervals merged across streams) and
+idle otherwise, so the idle share is what the CPU side (Python, launches, syncs) or the gaps between a
+CUDA graph's kernels cost the step. On CPU there are no kernels: the same summary is built from the
+ops' self CPU times (user annotations left out, so their Python time counts as idle), which lets CI
+run it.
 
-The step marks its parts with record_function(FORWARD / BACKWARD / OPTIMIZER). A kernel is put in a range
-by the time its launching op (torch links each kernel to one) started on the CPU, not by the call tree:
-the backward's ops run in autograd's own thread, outside the range. Everything launched inside OPTIMIZER
-is the optimizer category, whatever its kernels are called.
+A step may mark its parts with record_function ranges (a training step: FORWARD / BACKWARD /
+OPTIMIZER, the default `ranges`). A kernel is put in a range by the time its launching op (torch links
+each kernel to one) started on the CPU, not by the call tree: the backward's ops run in autograd's own
+thread, outside the range. Everything launched inside OPTIMIZER is the optimizer category, whatever
+its kernels are called.
 """
 
 from __future__ import annotations
@@ -121,11 +124,11 @@ def merged_length(work: list[Work]) -> float:
 class RangeFinder:
     """Which of the step's record_function ranges (on the CPU) contains a given time."""
 
-    def __init__(self, events):
+    def __init__(self, events, names: Sequence[str]):
         self.spans = sorted(
             (e.time_range.start, e.time_range.end, e.name)
             for e in events
-            if e.name in RANGES and e.device_type == DeviceType.CPU
+            if e.name in names and e.device_type == DeviceType.CPU
         )
         self.starts = [start for start, _, _ in self.spans]
 
@@ -148,8 +151,10 @@ class Tally:
     by_name: dict[str, float]
 
 
-def tally(work: list[Work], launches: list[tuple[float, str, float]], ranges: RangeFinder) -> Tally:
-    t = Tally(dict.fromkeys(CATEGORIES, 0.0), dict.fromkeys(RANGES, 0.0), defaultdict(int), defaultdict(float))
+def tally(
+    work: list[Work], launches: list[tuple[float, str, float]], ranges: RangeFinder, names: Sequence[str]
+) -> Tally:
+    t = Tally(dict.fromkeys(CATEGORIES, 0.0), dict.fromkeys(names, 0.0), defaultdict(int), defaultdict(float))
     for w in work:
         t.by_category[category(w.name)] += w.duration
         t.calls[w.name] += 1
@@ -164,7 +169,7 @@ def tally(work: list[Work], launches: list[tuple[float, str, float]], ranges: Ra
     return t
 
 
-def summarize(events, steps: int, seconds: float) -> dict:
+def summarize(events, steps: int, seconds: float, ranges: Sequence[str] = RANGES) -> dict:
     """Per-step summary of the profiled steps' events (see the module docstring); times in ms per step."""
     work = device_work(events)
     on_device = bool(work)
@@ -173,8 +178,8 @@ def summarize(events, steps: int, seconds: float) -> dict:
     else:
         work = cpu_work(events)
         launches = [(w.start, w.name, w.duration) for w in work]
-    ranges = RangeFinder(events)
-    t = tally(work, launches, ranges)
+    finder = RangeFinder(events, ranges)
+    t = tally(work, launches, finder, ranges)
     wall_ms = 1000 * seconds / steps
 
     def ms(us: float) -> float:  # microseconds over all steps -> ms per step
@@ -184,8 +189,8 @@ def summarize(events, steps: int, seconds: float) -> dict:
         return round(100 * us / 1000 / steps / wall_ms, 2)
 
     busy = merged_length(work) if on_device else sum(w.duration for w in work)
-    range_wall = dict.fromkeys(RANGES, 0.0)
-    for start, end, name in ranges.spans:
+    range_wall = dict.fromkeys(ranges, 0.0)
+    for start, end, name in finder.spans:
         range_wall[name] += end - start
     top = sorted(t.by_name, key=t.by_name.__getitem__, reverse=True)[:TOP_KERNELS]
     return {
@@ -197,7 +202,7 @@ def summarize(events, steps: int, seconds: float) -> dict:
         "idle_pct": round(max(0.0, 100 - share(busy)), 2),
         "categories": [{"name": c, "ms_per_step": ms(us), "pct": share(us)} for c, us in t.by_category.items()],
         "ranges": [
-            {"name": r, "wall_ms_per_step": ms(range_wall[r]), "work_ms_per_step": ms(t.by_range[r])} for r in RANGES
+            {"name": r, "wall_ms_per_step": ms(range_wall[r]), "work_ms_per_step": ms(t.by_range[r])} for r in ranges
         ],
         "top_kernels": [
             {
@@ -222,6 +227,7 @@ def profile_steps(
     steps: Sequence[int],
     device: torch.device,
     trace: Path | None = None,
+    ranges: Sequence[str] = RANGES,
 ) -> dict:
     """Run `warmup_step` (profiler warm-up, not recorded) then `steps` under torch.profiler; their summary.
 
@@ -243,7 +249,7 @@ def profile_steps(
             prof.step()  # after the last step: the profiler stops and collects
     if trace:  # first, so that the raw events are kept whatever happens next
         prof.export_chrome_trace(str(trace))  # gzipped when the name ends in .gz
-    summary = summarize(prof.events(), len(steps), seconds)
+    summary = summarize(prof.events(), len(steps), seconds, ranges)
     summary["trace"] = {"path": str(trace), "mb": round(trace.stat().st_size / 2**20, 2)} if trace else None
     return summary
 
@@ -260,8 +266,9 @@ def format_summary(s: dict) -> str:
     ]
     lines += [f"  {c['name']:40}{c['ms_per_step']:12.2f}{c['pct']:12.1f}" for c in s["categories"]]
     lines.append(f"  {'idle (nothing running)':40}{idle_ms:12.2f}{s['idle_pct']:12.1f}")
-    lines.append(f"  {'range':40}{'CPU ms/step':>12}{'work ms/step':>14}")
-    lines += [f"  {r['name']:40}{r['wall_ms_per_step']:12.2f}{r['work_ms_per_step']:14.2f}" for r in s["ranges"]]
+    if s["ranges"]:
+        lines.append(f"  {'range':40}{'CPU ms/step':>12}{'work ms/step':>14}")
+        lines += [f"  {r['name']:40}{r['wall_ms_per_step']:12.2f}{r['work_ms_per_step']:14.2f}" for r in s["ranges"]]
     title = f"top {TOP_KERNELS} {'kernels' if on_device else 'ops'}"
     lines.append(f"  {title:{NAME_WIDTH}}{'calls/step':>11}{'ms/step':>10}{'% of step':>11}")
     lines += [
