@@ -96,6 +96,11 @@ class TrainingConfig(StrictModel):
     compile: bool = Field(
         False, description="torch.compile each decoder layer (fused elementwise ops; the first steps compile)."
     )
+    cudnn_attention: bool = Field(
+        False,
+        description="CUDA: let PyTorch pick cuDNN's attention kernels (its first choice on Hopper), which build "
+        "a plan for every new batch shape; false: flash / memory-efficient attention, no per-shape cost.",
+    )
     seed: int = Field(1234, description="Seed for LoRA init, dropout and data order.")
     deepspeed: DeepSpeedConfig | None = Field(None, description="Use DeepSpeed ZeRO instead of DDP (CPU: fp32 only).")
 

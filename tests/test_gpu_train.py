@@ -114,3 +114,17 @@ def test_deepspeed_zero2_fp16_on_two_gpus(gpu_ray, tmp_path):
         "zero_pp_rank_0_mp_rank_00_optim_states.pt",
         "zero_pp_rank_1_mp_rank_00_optim_states.pt",
     ]
+
+
+def test_training_leaves_cudnn_attention_off_unless_asked(tmp_path):
+    """cuDNN's SDPA builds a plan for every new batch shape (train/step.py): off unless configured."""
+    from train.step import build_trainable
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        for wanted in (False, True):
+            cfg = tiny_config(tmp_path, "scaling.use_gpu=true", f"training.cudnn_attention={str(wanted).lower()}")
+            build_trainable(cfg, torch.float16, torch.device("cuda"))
+            assert torch.backends.cuda.cudnn_sdp_enabled() is wanted
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)

@@ -105,6 +105,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--baseline-batch", type=int, default=8, help="rows per baseline batch")
     p.add_argument("--batch-tokens", type=int, default=4096, help="token budget of the project's batches")
     p.add_argument("--compile", action="store_true", help="the project's step with training.compile")
+    p.add_argument(
+        "--cudnn-attention", action="store_true", help="the project's step with training.cudnn_attention (A/B)"
+    )
     p.add_argument("--skip-baseline", action="store_true", help="run B and C only (e.g. to sweep --batch-tokens)")
     p.add_argument("--check-rows", type=int, default=64, help="rows of the per-token loss check (0: skip it)")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
@@ -188,6 +191,7 @@ def project_config(args, model_cfg: ModelConfig, device: torch.device) -> TrainJ
             max_steps=args.warmup + args.steps,
             batch_tokens=args.batch_tokens,
             compile=args.compile,
+            cudnn_attention=args.cudnn_attention,
             precision="fp16" if on_cuda else "fp32",
             seed=args.seed,
         ),

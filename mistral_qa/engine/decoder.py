@@ -20,10 +20,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..model import ModelLoadError
 from .lora_rows import LoraRows
 
+PREFILL_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 _LAYER_PARTS = ("input_layernorm", "post_attention_layernorm", "self_attn", "mlp")
 _ATTN_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP_PARTS = ("gate_proj", "up_proj", "down_proj", "act_fn")
@@ -259,18 +261,20 @@ class SlotDecoder:
             self.keys[layer][token_slot, :, positions[:total]] = k[:total]
             self.values[layer][token_slot, :, positions[:total]] = v[:total]
             k, v = k.transpose(0, 1), v.transpose(0, 1)
-            # Each prompt attends alone (the same numbers whatever it is packed with).
-            parts = [
-                F.scaled_dot_product_attention(
-                    q[None, :, a : a + n],
-                    k[None, :, a : a + n],
-                    v[None, :, a : a + n],
-                    is_causal=True,
-                    scale=self.scale,
-                    enable_gqa=True,
-                )[0]
-                for a, n in zip(starts, lengths, strict=True)
-            ]
+            # Each prompt attends alone (the same numbers whatever it is packed with), never with cuDNN's
+            # kernels: PyTorch's first choice on Hopper, they build a plan for every new prompt length.
+            with sdpa_kernel(PREFILL_ATTENTION):
+                parts = [
+                    F.scaled_dot_product_attention(
+                        q[None, :, a : a + n],
+                        k[None, :, a : a + n],
+                        v[None, :, a : a + n],
+                        is_causal=True,
+                        scale=self.scale,
+                        enable_gqa=True,
+                    )[0]
+                    for a, n in zip(starts, lengths, strict=True)
+                ]
             if width > total:
                 parts.append(q.new_zeros(self.heads, width - total, self.head_dim))
             return torch.cat(parts, dim=1).transpose(0, 1).reshape(width, 1, -1)
