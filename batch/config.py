@@ -69,6 +69,12 @@ class ComputeSettings(StrictModel):
         ge=1,
         description="Rows handed to an actor per call; its engine decodes up to engine.max_batch_size of them at once.",
     )
+    calls_per_actor: int = Field(
+        2,
+        ge=1,
+        description="Engine calls running at once on an actor (threads sharing its engine): while one call's "
+        "last answers finish, the next call's questions take the freed slots; 1: the slots drain at each call's end.",
+    )
     batch_retries: int = Field(
         1,
         ge=0,

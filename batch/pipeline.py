@@ -96,6 +96,8 @@ class Answerer:
     """Ray Data actor: owns one engine, answers a batch of rows, returns OUTPUT_SCHEMA rows.
 
     Rows already in the output (resume) are dropped here; the set of their ids is built once per actor.
+    Calls may run at once in several threads (compute.calls_per_actor): they share only the engine,
+    whose generate is thread-safe, and read-only state.
     """
 
     def __init__(self, job: dict, done_ids, engine_factory: Callable | None = None):
@@ -184,10 +186,13 @@ def check_resources(cfg: BatchJobConfig) -> None:
 
 
 def actor_pool(cfg: BatchJobConfig) -> ActorPoolStrategy:
+    """The answering actors; each runs compute.calls_per_actor calls at once on its one engine (its
+    generate is thread-safe), so a call's tail of long answers never leaves the slots empty."""
     c = cfg.compute
-    if c.max_actors is None:
-        return ActorPoolStrategy(size=c.num_actors)
-    return ActorPoolStrategy(min_size=c.num_actors, max_size=c.max_actors)
+    sizes = {"size": c.num_actors} if c.max_actors is None else {"min_size": c.num_actors, "max_size": c.max_actors}
+    return ActorPoolStrategy(
+        **sizes, max_concurrent_calls_per_actor=c.calls_per_actor, enable_true_multi_threading=c.calls_per_actor > 1
+    )
 
 
 def question_blocks(cfg: BatchJobConfig, files: InputFiles):

@@ -149,6 +149,60 @@ def test_read_blocks_hold_one_engine_call_each(ray_session, tmp_path):
     assert sizes == [6, 16, 16, 16, 16]
 
 
+class RecordingEngine:
+    """The real engine, with each generate call's start and end appended to a file (an observer)."""
+
+    def __init__(self, engine, record: Path):
+        self.engine, self.record = engine, record
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def generate(self, prompts, params, adapter=None):
+        started = time.time()
+        try:
+            return self.engine.generate(prompts, params, adapter=adapter)
+        finally:
+            with self.record.open("a") as f:
+                f.write(f"{started} {time.time()}\n")
+
+
+def recording_engine(cfg: BatchJobConfig) -> RecordingEngine:
+    from batch.pipeline import make_engine
+
+    return RecordingEngine(make_engine(cfg), Path(cfg.output.path).parent / "calls.txt")
+
+
+def most_at_once(intervals: list[tuple[float, float]]) -> int:
+    edges = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals])
+    running = most = 0
+    for _, change in edges:
+        running += change
+        most = max(most, running)
+    return most
+
+
+@pytest.mark.parametrize("calls", [1, 2])
+def test_an_actor_runs_calls_per_actor_engine_calls_at_once(ray_session, tmp_path, calls):
+    """With 2, the next call's questions join the engine while the last call's answers finish."""
+    questions = tmp_path / "questions.jsonl"
+    write_questions(questions, 48)
+    cfg = batch_config(
+        questions,
+        tmp_path / "answers",
+        "compute.batch_size=8",
+        f"compute.calls_per_actor={calls}",
+        "output.mode=overwrite",
+    )
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the actors cannot import this file
+    summary = run_batch(cfg, engine_factory=recording_engine)
+    assert summary.rows == 48 and not summary.errors
+    intervals = [tuple(map(float, line.split())) for line in (tmp_path / "calls.txt").read_text().splitlines()]
+    assert len(intervals) == 6 and most_at_once(intervals) == calls
+
+
 def test_thousand_questions_give_one_row_each_with_the_fixed_schema(thousand):
     files = answer_files(thousand.cfg.output.path)
     assert files and all(pq.read_schema(f).equals(OUTPUT_SCHEMA) for f in files)
