@@ -128,13 +128,21 @@ class Answerer:
             if row["error"] is None:
                 self._check_length(row)
         todo = [r for r in rows if r["error"] is None]
-        started = time.perf_counter()
+        started = time.time()
         results = generate_with_retries(
             self.engine, [r["prompt"] for r in todo], self.params, self.adapter, self.retries
         )
-        seconds = time.perf_counter() - started
+        ended = time.time()
         tokens = sum(r.completion_tokens for r in results if not isinstance(r, Exception))
-        log.info("answerer: %d rows, %d tokens in %.2f s (%.0f tok/s)", len(todo), tokens, seconds, tokens / seconds)
+        # The wall-clock span too: calls of one actor may overlap (compute.calls_per_actor).
+        log.info(
+            "answerer: %d rows, %d tokens in %.2f s, from %.3f to %.3f",
+            len(todo),
+            tokens,
+            ended - started,
+            started,
+            ended,
+        )
         for row, result in zip(todo, results, strict=True):
             if isinstance(result, Exception):
                 row["error"] = f"generation_failed: {type(result).__name__}: {result}"

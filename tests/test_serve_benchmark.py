@@ -294,3 +294,22 @@ def test_batch_job_figures(tiny_benchmark):
     assert "compute.batch_size=16" in run["command"]
     assert run["engine_calls"] == 3 and len(run["engine_ready_s"]) == 1
     assert run["engine_tok_s_per_gpu"] > run["tok_s"]  # start-up excluded
+
+
+def test_engine_rate_counts_an_actors_overlapping_calls_once():
+    """Calls of one actor overlap (compute.calls_per_actor): its answering time is their union."""
+    from serve.bench.batch_run import engine_calls
+
+    prefix = "\x1b[36m(MapWorker(MapBatches(Answerer)) pid={})\x1b[0m "
+    log = "\n".join(
+        [
+            prefix.format(11) + "answerer: engine ready in 8.1 s",
+            prefix.format(11) + "answerer: 4 rows, 300 tokens in 3.00 s, from 100.000 to 103.000",
+            prefix.format(11) + "answerer: 4 rows, 300 tokens in 3.00 s, from 101.000 to 104.000",  # overlaps
+            prefix.format(22) + "answerer: engine ready in 7.9 s",
+            prefix.format(22) + "answerer: 4 rows, 400 tokens in 4.00 s, from 100.000 to 104.000",
+        ]
+    )
+    calls = engine_calls(log)
+    assert calls["engine_calls"] == 3 and calls["engine_ready_s"] == [8.1, 7.9]
+    assert calls["engine_tok_s_per_gpu"] == pytest.approx(1000 / (4 + 4))

@@ -8,10 +8,13 @@ import re
 import subprocess
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
+
+from mistral_qa.profiling import Work, merged_length
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -94,13 +97,20 @@ def run_batch_job(
 
 def engine_calls(log_text: str) -> dict:
     """The actors' own timing lines (batch/pipeline.py's Answerer): the engines' start-up, and output
-    tokens per second of engine time. An actor's calls run one after another on its GPU, so total
-    tokens over total call seconds is the rate of one GPU while it answers, start-up excluded."""
-    calls = [(int(t), float(s)) for t, s in re.findall(r"answerer: \d+ rows, (\d+) tokens in ([0-9.]+) s", log_text)]
+    tokens per second of answering time, start-up excluded. An actor's calls may overlap
+    (compute.calls_per_actor), so its answering time is the union of its calls' spans; summed over
+    the actors (one GPU each), tokens over that time is the rate of one GPU while it answers."""
+    spans: dict[str, list[Work]] = defaultdict(list)
+    tokens = 0
+    for pid, n, start, end in re.findall(
+        r"pid=(\d+)\).*?answerer: \d+ rows, (\d+) tokens in [0-9.]+ s, from ([0-9.]+) to ([0-9.]+)", log_text
+    ):
+        tokens += int(n)
+        spans[pid].append(Work("call", float(start), float(end), float(end) - float(start)))
     ready = [float(s) for s in re.findall(r"answerer: engine ready in ([0-9.]+) s", log_text)]
-    seconds = sum(s for _, s in calls)
+    seconds = sum(merged_length(calls) for calls in spans.values())
     return {
-        "engine_calls": len(calls),
+        "engine_calls": sum(len(calls) for calls in spans.values()),
         "engine_ready_s": ready,
-        "engine_tok_s_per_gpu": sum(t for t, _ in calls) / seconds if seconds else None,
+        "engine_tok_s_per_gpu": tokens / seconds if seconds else None,
     }
