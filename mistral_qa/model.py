@@ -236,7 +236,8 @@ def _nf4_linear(linear: torch.nn.Linear, compute_dtype: torch.dtype, device: tor
 def quantize_nf4(model, compute_dtype: torch.dtype, device: torch.device | str) -> None:
     """Quantise `model` in place to what load_base_model gives for a hub model with load_in_4bit: every
     nn.Linear except the output head becomes a bitsandbytes NF4 Linear4bit on `device`, one layer at a
-    time (so `device` never holds the full-precision weights), and the rest moves to `device`."""
+    time (so a model on the CPU never has its full-precision weights on `device`), and the rest moves
+    to `device`."""
     device = torch.device(device)
     head = model.get_output_embeddings()
     for parent in list(model.modules()):
@@ -273,16 +274,15 @@ def _random_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device):
         raise ModelLoadError(f"model.name={cfg.name!r}: random shapes are {sorted(RANDOM_SHAPES)}")
     config = MistralConfig(**RANDOM_SHAPES[cfg.name], bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
     config._attn_implementation = cfg.attn_implementation
-    if not cfg.load_in_4bit:
-        return _build_random(config, cfg.seed, dtype, device)
-    # Built on the GPU in `dtype` (random fp16 on a CPU takes many minutes for the 7B shape), so the
-    # 4-bit base is the NF4 copy of the fp16 random base, then quantised layer by layer in place. The
-    # fp16 weights (14.5 GB for the 7B shape) live only during the build: the peak-memory counter is
-    # reset afterwards, so what training reports is QLoRA's, as for a hub model loaded in 4-bit.
     model = _build_random(config, cfg.seed, dtype, device)
-    quantize_nf4(model, dtype, device)
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(device)
+    if cfg.load_in_4bit:
+        # Built on the GPU in `dtype` (random fp16 on a CPU takes many minutes for the 7B shape), so the
+        # 4-bit base is the NF4 copy of the fp16 random base, then quantised layer by layer in place. The
+        # fp16 weights (14.5 GB for the 7B shape) live only during the build: the peak-memory counter is
+        # reset afterwards, so what training reports is QLoRA's, as for a hub model loaded in 4-bit.
+        quantize_nf4(model, dtype, device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
     return model
 
 

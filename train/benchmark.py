@@ -243,12 +243,12 @@ def run_project(
 
 def timed_steps(train_step, steps: range, device) -> tuple[list[list[int]], list[float]]:
     """Run the steps; each one's row lengths and seconds (its loss.item() waits for the device)."""
-    synchronize(device)
+    profiling.synchronize(device)
     timed, seconds = [], []
     for step in steps:
         started = time.perf_counter()
         timed.append(train_step(step))
-        synchronize(device)
+        profiling.synchronize(device)
         seconds.append(time.perf_counter() - started)
     return timed, seconds
 
@@ -271,11 +271,6 @@ def project_result(
         flops=sum(flops_per_row(cfg.model, n) for n in lengths),
         peak_gib=peak_memory_gib(device),
     )
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def table(results: list[Result], check: dict | None, device_name: str) -> str:

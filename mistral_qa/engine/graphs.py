@@ -15,9 +15,8 @@ from .decoder import SlotDecoder
 
 GEMM_ROWS = 64  # CUDA: least rows in every decode matmul
 MIN_CONTEXT = 128  # CUDA: least cache columns attention reads
-PREFILL_TOKENS = (
-    1024  # default pack: shorter prompts run packed (on CUDA padded to this many tokens); longer ones alone
-)
+# Default prefill pack: shorter prompts run packed (on CUDA padded to this many tokens), longer ones alone.
+PREFILL_TOKENS = 1024
 
 
 def host_longs(values: list[int], device: torch.device) -> torch.Tensor:
