@@ -8,7 +8,7 @@ import torch
 
 from mistral_qa.config import ModelConfig
 from mistral_qa.engine import Engine, EngineConfig, SamplingParams
-from mistral_qa.engine.decoder import PLAIN_PARTS
+from mistral_qa.engine.decoder import decode_layer
 from mistral_qa.engine.graphs import DecodeSteps
 from mistral_qa.prompt import build_prompt
 
@@ -48,14 +48,14 @@ def test_graph_replay_equals_running_the_same_step_directly(engine):
 def test_compiled_and_plain_layers_agree_on_the_first_tokens(engine):
     """Fused kernels round differently from the plain ops; greedy answers still start the same."""
     runner = engine._scheduler._runner
-    compiled = runner.decoder.parts
+    compiled = runner.decoder.decode_layer
     fast = tokens(engine, PROMPTS[:8])
-    runner.decoder.parts = dict(PLAIN_PARTS)  # the plain layer pieces
+    runner.decoder.decode_layer = decode_layer  # the plain layer
     runner.steps = DecodeSteps(runner.decoder, use_graphs=False)
     try:
         plain = tokens(engine, PROMPTS[:8])
     finally:
-        runner.decoder.parts = compiled
+        runner.decoder.decode_layer = compiled
         runner.steps = DecodeSteps(runner.decoder)
     assert all(f[:4] == p[:4] for f, p in zip(fast, plain, strict=True))
 

@@ -25,9 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ..model import ModelLoadError
 from .lora_rows import LoraRows
 
-# Never cuDNN's attention, PyTorch's first choice on Hopper: it builds a plan for every new prompt
-# length, and needs K/V slices of the cache copied to its layout.
-ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+PREFILL_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 _LAYER_PARTS = ("input_layernorm", "post_attention_layernorm", "self_attn", "mlp")
 _ATTN_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP_PARTS = ("gate_proj", "up_proj", "down_proj", "act_fn")
@@ -132,23 +130,23 @@ def finish_layer(layer, tables, h, attended, adapter_index):
     return h + project(mlp.down_proj, tables["down_proj"], mlp.act_fn(gate) * up, adapter_index)
 
 
-def layer_in(layer, tables, h, adapter_index, cos, sin, dims):
-    """The layer up to attention: input norm, then queries, keys, values (qkv)."""
-    return qkv(layer, tables, layer.input_layernorm(h), adapter_index, cos, sin, dims)
-
-
-def decode_finish(layer, tables, h, o, adapter_index):
-    """finish_layer after a decode step's attention o [rows, kv_heads, group, dim]; the matmul rows
-    of h beyond o's rows are padding and attend to nothing."""
-    rows = o.shape[0]
-    attended = h.new_zeros(h.shape[0], 1, o[0].numel())
+def decode_layer(layer, tables, h, cos, sin, adapter_index, keys, values, slot, positions, mask, dims):
+    """One layer for one new token per row. Rows 0..len(slot)-1 are cache slots: their keys/values
+    are written at their positions and attention reads mask.shape[-1] columns; other rows are padding."""
+    heads, kv_heads, head_dim, scale = dims
+    rows = slot.shape[0]
+    q, k, v = qkv(layer, tables, layer.input_layernorm(h), adapter_index, cos, sin, dims)
+    keys[slot, :, positions[:rows]] = k[:rows, :, 0]
+    values[slot, :, positions[:rows]] = v[:rows, :, 0]
+    context = mask.shape[-1]
+    # One new token per row: the query heads sharing a KV head ride as that head's "tokens".
+    qg = q[:rows].reshape(rows, kv_heads, heads // kv_heads, head_dim)
+    o = F.scaled_dot_product_attention(
+        qg, keys[:rows, :, :context], values[:rows, :, :context], attn_mask=mask, scale=scale
+    )
+    attended = q.new_zeros(q.shape[0], 1, heads * head_dim)
     attended[:rows, 0] = o.reshape(rows, -1)
     return finish_layer(layer, tables, h, attended, adapter_index)
-
-
-# The layer pieces that run compiled on CUDA (DecodeSteps(compile=True)); attention and the cache
-# writes stay outside them (see SlotDecoder.decode).
-PLAIN_PARTS = {"layer_in": layer_in, "finish_layer": finish_layer, "decode_finish": decode_finish}
 
 
 class SlotDecoder:
@@ -171,7 +169,7 @@ class SlotDecoder:
             tables["qkv"] = fuse_weights([attn.q_proj, attn.k_proj, attn.v_proj])
             tables["gate_up"] = fuse_weights([mlp.gate_proj, mlp.up_proj])
         self.dims = (self.heads, self.kv_heads, self.head_dim, self.scale)
-        self.parts = dict(PLAIN_PARTS)
+        self.decode_layer, self.qkv, self.finish_layer = decode_layer, qkv, finish_layer
         self.slots, self.slot_len = slots, slot_len
         # On CUDA the whole cache exists from the start (captured graphs hold its address); on CPU it
         # grows with the longest sequence, so a large max_context costs memory only when used.
@@ -208,10 +206,9 @@ class SlotDecoder:
         """h: [rows, tokens, hidden]; positions: [rows, tokens];
         attend(layer index, q, k, v) -> [rows, tokens, heads*dim]."""
         cos, sin = self.inner.rotary_emb(h, positions)
-        layer_in, finish = self.parts["layer_in"], self.parts["finish_layer"]
         for i, (layer, tables) in enumerate(zip(self.layers, self.tables, strict=True)):
-            q, k, v = layer_in(layer, tables, h, adapter_index, cos, sin, self.dims)
-            h = finish(layer, tables, h, attend(i, q, k, v), adapter_index)
+            q, k, v = self.qkv(layer, tables, layer.input_layernorm(h), adapter_index, cos, sin, self.dims)
+            h = self.finish_layer(layer, tables, h, attend(i, q, k, v), adapter_index)
         return self.inner.norm(h)
 
     def _logits(self, last: torch.Tensor, pad_rows: int | None) -> torch.Tensor:
@@ -264,8 +261,9 @@ class SlotDecoder:
             self.keys[layer][token_slot, :, positions[:total]] = k[:total]
             self.values[layer][token_slot, :, positions[:total]] = v[:total]
             k, v = k.transpose(0, 1), v.transpose(0, 1)
-            # Each prompt attends alone (the same numbers whatever it is packed with).
-            with sdpa_kernel(ATTENTION):
+            # Each prompt attends alone (the same numbers whatever it is packed with), never with cuDNN's
+            # kernels: PyTorch's first choice on Hopper, they build a plan for every new prompt length.
+            with sdpa_kernel(PREFILL_ATTENTION):
                 parts = [
                     F.scaled_dot_product_attention(
                         q[None, :, a : a + n],
@@ -294,32 +292,22 @@ class SlotDecoder:
         """One token for each of slots 0..rows-1: ids/positions/adapter_index are [gemm_rows] (>= rows;
         the extra rows are padding whose results are dropped); attention reads `context` cache
         columns. Returns [gemm_rows, vocab] float32 logits. Runs eagerly or inside a CUDA graph."""
-        heads, kv_heads, head_dim, scale = self.dims
         slot = torch.arange(rows, device=self.device)
-        at = positions[:rows]
-        mask = (torch.arange(context, device=self.device)[None, :] <= at[:, None])[:, None, None, :]
+        mask = (torch.arange(context, device=self.device)[None, :] <= positions[:rows, None])[:, None, None, :]
         h = self.inner.embed_tokens(ids)[:, None, :]
         cos, sin = self.inner.rotary_emb(h, positions[:, None])
-        layer_in, finish = self.parts["layer_in"], self.parts["decode_finish"]
         for layer, tables, keys, values in zip(self.layers, self.tables, self.keys, self.values, strict=True):
-            q, k, v = layer_in(layer, tables, h, adapter_index, cos, sin, self.dims)
-            # Cache writes and attention run as plain ops, in place on the cache: compiled, they made
-            # inductor copy the attended part of the cache every layer (profiled: 2/3 of a 64-row step).
-            keys[slot, :, at] = k[:rows, :, 0]
-            values[slot, :, at] = v[:rows, :, 0]
-            # One new token per row: the query heads sharing a KV head ride as that head's "tokens".
-            qg = q[:rows].reshape(rows, kv_heads, heads // kv_heads, head_dim)
-            with sdpa_kernel(ATTENTION):
-                o = F.scaled_dot_product_attention(
-                    qg, keys[:rows, :, :context], values[:rows, :, :context], attn_mask=mask, scale=scale
-                )
-            h = finish(layer, tables, h, o, adapter_index)
+            h = self.decode_layer(
+                layer, tables, h, cos, sin, adapter_index, keys, values, slot, positions, mask, self.dims
+            )
         return self.lm_head(self.inner.norm(h)[:, 0]).float()
 
     def compile(self) -> None:
         """Use torch.compile'd layer pieces (fused elementwise kernels; compiled once for all layers):
-        the parts of a layer before and after attention, in prefill and decode."""
-        self.parts = {name: torch.compile(fn, dynamic=True) for name, fn in PLAIN_PARTS.items()}
+        the whole decode layer, and prefill's parts around its per-prompt attention."""
+        self.decode_layer = torch.compile(decode_layer, dynamic=True)
+        self.qkv = torch.compile(qkv, dynamic=True)
+        self.finish_layer = torch.compile(finish_layer, dynamic=True)
 
     def move(self, source: int, target: int, length: int) -> None:
         """Copy the first `length` cached tokens of slot `source` into slot `target`."""
