@@ -82,6 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--serve-warmup", type=int, default=None, help="warm-up HTTP requests (default: --concurrency)")
     p.add_argument("--adapter-batch", type=int, default=32, help="requests per batch in the adapter phase")
+    p.add_argument("--adapter-repeats", type=int, default=3, help="timed runs per adapter batch (median reported)")
     p.add_argument(
         "--alpaca", type=Path, default=DEFAULT_ALPACA, help="Alpaca JSON whose instructions feed the batch job"
     )
@@ -233,7 +234,13 @@ def phase_adapters(b: Bench) -> dict:
     a = b.args
     with gpu.TorchPeak() as peak:
         result = run_adapter_costs(
-            b.engine_config(), [p.prompt for p in b.prompts], a.adapter_batch, a.max_tokens, b.work / "adapters", log
+            b.engine_config(),
+            [p.prompt for p in b.prompts],
+            a.adapter_batch,
+            a.max_tokens,
+            a.adapter_repeats,
+            b.work / "adapters",
+            log,
         )
         return {**result, "peak_gpu_gib": peak.read(), "peak_note": "torch, the largest of the three engines"}
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import statistics
 import os
 import socket
 import subprocess
@@ -185,6 +186,7 @@ TINY_RUN = [
     "--model-name", "tiny-mistral", "--device", "cpu", "--prompt-tokens", "64", "--max-tokens", "16",
     "--distinct-prompts", "4", "--single-repeats", "1", "--hf-new-tokens", "8", "--hf-batch", "4",
     "--hf-cb-requests", "4", "--concurrency", "4", "--requests", "8", "--adapter-batch", "4",
+    "--adapter-repeats", "2",
     "--batch-questions", "40", "--batch-max-tokens", "8", "--batch-gpus", "0", "--batch-max-batch-size", "4",
     "--profile-steps", "3",
 ]  # fmt: skip
@@ -276,6 +278,8 @@ def test_adapter_figures(tiny_benchmark):
     adapters = tiny_benchmark[0]["phases"]["adapters"]
     assert set(adapters["runs"]) == {"base", "a", "a+b mixed", "base rows", "a merged"}
     assert all(positive(r["tok_s"]) and r["requests"] == 4 for r in adapters["runs"].values())
+    for r in adapters["runs"].values():  # the figure is the median of the timed runs
+        assert len(r["tok_s_runs"]) == 2 and r["tok_s"] == statistics.median(r["tok_s_runs"])
     for key in ("merged_vs_base_pct", "unmerged_vs_base_pct", "mixed_vs_single_adapter_pct"):
         assert math.isfinite(adapters[key])
     checks = adapters["checks"]

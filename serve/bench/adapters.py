@@ -4,6 +4,7 @@ and what they cost the engine: merged vs the bare base, one adapter unmerged, tw
 from __future__ import annotations
 
 import math
+import statistics
 from pathlib import Path
 
 import torch
@@ -51,15 +52,25 @@ def make_random_adapter(folder: Path, model_cfg: ModelConfig, seed: int, lora: L
     return folder
 
 
-def _measure(engine_cfg: EngineConfig, runs: dict[str, list[tuple[str, str | None]]], max_tokens: int, log) -> dict:
-    """tok/s of each named batch on one engine; the first batch also warms the engine up."""
+def _measure(
+    engine_cfg: EngineConfig, runs: dict[str, list[tuple[str, str | None]]], max_tokens: int, repeats: int, log
+) -> dict:
+    """tok/s of each named batch on one engine: the median of `repeats` timed runs after a warm-up
+    run (one batch is a few seconds on a GPU: a single timing swung by +-15% between runs)."""
     engine = Engine(engine_cfg)
     out: dict = {}
     try:
-        for i, (label, items) in enumerate(runs.items()):
-            stats, timed = batch_run(engine, items, max_tokens, warmup=i == 0)
-            out[label] = {**stats, "token_ids": [t.completion.token_ids for t in timed]}
-            log(f"adapters {label}: {stats['tok_s']:.1f} tok/s ({stats['output_tokens']} tokens)")
+        for label, items in runs.items():
+            timings = [batch_run(engine, items, max_tokens, warmup=i == 0) for i in range(max(repeats, 1))]
+            rates = [stats["tok_s"] for stats, _ in timings]
+            stats, timed = timings[-1]
+            out[label] = {
+                **stats,
+                "tok_s": statistics.median(rates),
+                "tok_s_runs": rates,
+                "token_ids": [t.completion.token_ids for t in timed],
+            }
+            log(f"adapters {label}: {out[label]['tok_s']:.1f} tok/s (runs: {', '.join(f'{r:.0f}' for r in rates)})")
     finally:
         engine.close()
         del engine
@@ -71,8 +82,11 @@ def _pct(new: float, old: float) -> float:
     return (new / old - 1) * 100
 
 
-def run_adapter_costs(base_cfg: EngineConfig, prompts: list[str], batch: int, max_tokens: int, folder: Path, log):
-    """Base vs merged adapter vs unmerged adapter vs two adapters mixed, on `batch` requests each."""
+def run_adapter_costs(
+    base_cfg: EngineConfig, prompts: list[str], batch: int, max_tokens: int, repeats: int, folder: Path, log
+):
+    """Base vs merged adapter vs unmerged adapter vs two adapters mixed, on `batch` requests each
+    (tok/s: the median of `repeats` timed runs)."""
     model_cfg = base_cfg.model
     paths = {name: str(make_random_adapter(folder / name, model_cfg, seed)) for name, seed in (("a", 1), ("b", 2))}
     cycled = [prompts[i % len(prompts)] for i in range(batch)]
@@ -81,11 +95,13 @@ def run_adapter_costs(base_cfg: EngineConfig, prompts: list[str], batch: int, ma
         return [(p, adapter) for p in cycled]
 
     mixed = [(p, "a" if i % 2 == 0 else "b") for i, p in enumerate(cycled)]
-    bare = _measure(base_cfg, {"base": only(None)}, max_tokens, log)
+    bare = _measure(base_cfg, {"base": only(None)}, max_tokens, repeats, log)
     lora_cfg = base_cfg.model_copy(update={"adapters": paths})
-    unmerged = _measure(lora_cfg, {"a": only("a"), "a+b mixed": mixed, "base rows": only(None)}, max_tokens, log)
+    unmerged = _measure(
+        lora_cfg, {"a": only("a"), "a+b mixed": mixed, "base rows": only(None)}, max_tokens, repeats, log
+    )
     merged_cfg = base_cfg.model_copy(update={"adapters": {"a": paths["a"]}, "merge_adapter": True})
-    merged = _measure(merged_cfg, {"a merged": only("a")}, max_tokens, log)
+    merged = _measure(merged_cfg, {"a merged": only("a")}, max_tokens, repeats, log)
     runs = {**bare, **unmerged, **merged}
     a_rows = range(0, batch, 2)  # the rows on adapter a in the mixed batch
     checks = {
@@ -97,6 +113,7 @@ def run_adapter_costs(base_cfg: EngineConfig, prompts: list[str], batch: int, ma
     return {
         "batch": batch,
         "max_tokens": max_tokens,
+        "repeats": repeats,
         "runs": {label: {k: v for k, v in r.items() if k != "token_ids"} for label, r in runs.items()},
         "merged_vs_base_pct": _pct(tok_s["a merged"], tok_s["base"]),
         "unmerged_vs_base_pct": _pct(tok_s["a"], tok_s["base"]),

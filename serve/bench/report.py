@@ -105,7 +105,7 @@ def serve_rows(r: dict) -> list[tuple]:
 
 def adapter_rows(r: dict) -> list[tuple]:
     runs, checks = r["runs"], r["checks"]
-    shape = f"batch {r['batch']}, {r['max_tokens']} tokens"
+    shape = f"batch {r['batch']}, {r['max_tokens']} tokens, median of {r.get('repeats', 1)} runs"
     return [
         ("bare base", runs["base"]["tok_s"], "tok/s", shape),
         ("adapter a merged", runs["a merged"]["tok_s"], "tok/s", f"{r['merged_vs_base_pct']:+.1f}% vs bare base"),
