@@ -106,6 +106,7 @@ class Answerer:
         cfg = BatchJobConfig.model_validate(job)
         self.engine = (engine_factory or make_engine)(cfg)
         log.info("answerer: engine ready in %.1f s", time.perf_counter() - started)
+        self.ready_stats = self.engine.stats()  # the warm-up (and its CUDA graph captures) is not the job's
         self.params = sampling_params(cfg)
         self.adapter = ADAPTER_NAME if cfg.adapter else None
         self.retries = cfg.compute.batch_retries
@@ -143,6 +144,7 @@ class Answerer:
             started,
             ended,
         )
+        self._log_engine_stats()
         for row, result in zip(todo, results, strict=True):
             if isinstance(result, Exception):
                 row["error"] = f"generation_failed: {type(result).__name__}: {result}"
@@ -151,6 +153,33 @@ class Answerer:
                     answer=result.text, finish_reason=result.finish_reason, completion_tokens=result.completion_tokens
                 )
         return pa.Table.from_pylist([{**row, **self.constants} for row in rows], schema=OUTPUT_SCHEMA)
+
+    def _log_engine_stats(self) -> None:
+        """Where the engine's time went since it was ready, cumulative: calls overlap
+        (compute.calls_per_actor), so a window of one call would hold the other call's steps too; the
+        actor's last line is its total. serve/bench/batch_run.py parses this line. ms/step is the
+        step loop's busy time (prefill included) per decode step; context is the mean cache columns
+        attention read per step (its padded shape) against the mean longest row."""
+        s = self.engine.stats(since=self.ready_stats)
+        steps = max(s["steps"], 1)
+        log.info(
+            "answerer: engine since ready: %d steps, %.1f ms/step, %.1f rows/step, context %.0f cols for longest "
+            "%.0f, busy %.2f s, launch %.2f s, GPU wait %.2f s, text %.2f s, prefill %.2f s (%d calls, %d prompts, "
+            "%d tokens)",
+            s["steps"],
+            s["busy_s"] * 1000 / steps,
+            s["rows"] / steps,
+            s["context_columns"] / steps,
+            s["longest"] / steps,
+            s["busy_s"],
+            s["launch_s"],
+            s["gpu_wait_s"],
+            s["text_s"],
+            s["prefill_s"],
+            s["prefill_calls"],
+            s["prefill_prompts"],
+            s["prefill_tokens"],
+        )
 
     def _check_length(self, row: dict) -> None:
         # The engine refuses a prompt that leaves no room for one answer token; an answer that reaches

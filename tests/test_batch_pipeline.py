@@ -24,6 +24,7 @@ from batch.io import INPUT_SCHEMA
 from batch.output import OUTPUT_SCHEMA, answer_files, read_answers
 from batch.pipeline import Answerer, build_prompts, run_batch
 from mistral_qa.configio import load_config
+from mistral_qa.engine.stats import EngineStats
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "batch" / "configs" / "tiny.yaml"
@@ -71,6 +72,9 @@ class FlakyEngine:
 
     def count_tokens(self, text: str) -> int:
         return len(text.split())
+
+    def stats(self, since=None) -> dict:
+        return EngineStats().snapshot()
 
     def generate(self, prompts, params, adapter=None):
         self.calls += 1

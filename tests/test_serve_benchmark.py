@@ -11,9 +11,9 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import statistics
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -294,10 +294,13 @@ def test_batch_job_figures(tiny_benchmark):
     assert run["actors"] == 1 and run["rows_written"] == run["distinct_ids"] == 40 and run["error_rows"] == 0
     assert run["output_tokens"] > 0 and positive(run["tok_s"]) and positive(run["job_wall_s"])
     assert "compute.num_gpus_per_actor=0" in run["command"]
-    # The actor's own timing lines: 40 questions at 4 x max_batch_size = 16 rows per call.
-    assert "compute.batch_size=16" in run["command"]
-    assert run["engine_calls"] == 3 and len(run["engine_ready_s"]) == 1
+    # The actor's own timing lines: 40 questions in calls of max_batch_size = 4 rows.
+    assert "compute.batch_size=4" in run["command"]
+    assert run["engine_calls"] == 10 and len(run["engine_ready_s"]) == 1
     assert run["engine_tok_s_per_gpu"] > run["tok_s"]  # start-up excluded
+    steps = run["engine_steps"]
+    assert steps["actors"] == 1 and steps["steps"] > 0 and 1 <= steps["rows_per_step"] <= 4
+    assert steps["prefill_prompts"] == 40 and "| batch | 1 actor(s) x 0 GPU: engine step loop |" in tiny_benchmark[1]
 
 
 def test_engine_rate_counts_an_actors_overlapping_calls_once():
@@ -317,3 +320,39 @@ def test_engine_rate_counts_an_actors_overlapping_calls_once():
     calls = engine_calls(log)
     assert calls["engine_calls"] == 3 and calls["engine_ready_s"] == [8.1, 7.9]
     assert calls["engine_tok_s_per_gpu"] == pytest.approx(1000 / (4 + 4))
+
+
+def test_engine_step_counters_take_each_actors_last_cumulative_line():
+    """The "engine since ready" lines are cumulative per actor: the one with the most steps is the
+    actor's total (threads may log out of order); the actors' totals add up, means weighted by steps."""
+    from serve.bench.batch_run import engine_calls
+
+    prefix = "\x1b[36m(MapWorker(MapBatches(Answerer)) pid={})\x1b[0m "
+    line = (
+        "answerer: engine since ready: {} steps, 1.0 ms/step, {} rows/step, context {} cols for longest {}, "
+        "busy {} s, launch 1.00 s, GPU wait {} s, text 0.50 s, prefill 2.00 s (3 calls, {} prompts, 900 tokens)"
+    )
+    log = "\n".join(
+        [
+            prefix.format(11) + "answerer: 4 rows, 300 tokens in 3.00 s, from 100.000 to 103.000",
+            prefix.format(11) + line.format(100, 4.0, 128, 90, 5.00, 1.00, 4),
+            prefix.format(11) + line.format(300, 3.0, 256, 150, 10.00, 6.00, 8),
+            prefix.format(11) + line.format(200, 3.5, 256, 120, 8.00, 4.00, 8),  # logged late by the other thread
+            prefix.format(22) + line.format(100, 2.0, 128, 70, 6.00, 3.50, 4),
+        ]
+    )
+    steps = engine_calls(log)["engine_steps"]
+    assert steps["actors"] == 2 and steps["steps"] == 400
+    assert steps["rows_per_step"] == pytest.approx((300 * 3 + 100 * 2) / 400)
+    assert steps["context_cols"] == pytest.approx((300 * 256 + 100 * 128) / 400)
+    assert steps["longest"] == pytest.approx((300 * 150 + 100 * 70) / 400)
+    assert steps["ms_per_step"] == pytest.approx(16_000 / 400)
+    assert steps["gpu_wait_s"] == pytest.approx(9.5) and steps["launch_s"] == pytest.approx(2.0)
+    assert steps["other_s"] == pytest.approx(16 - 9.5 - 2 - 1 - 4)
+    assert (steps["prefill_calls"], steps["prefill_prompts"], steps["prefill_tokens"]) == (6, 12, 1800)
+    report = {"questions": 4, "runs": [{"actors": 2, "gpus_per_actor": 1, "tok_s": 1.0, "output_tokens": 1,
+              "job_wall_s": 1.0, "process_wall_s": 2.0, "rows_written": 4, "error_rows": 0, "distinct_ids": 4,
+              "engine_steps": steps}]}  # fmt: skip
+    table = render(table_rows({"batch": report}), markdown=True)
+    assert "| batch | 2 actor(s) x 1 GPU: engine step loop | 40.00 | ms/step | 400 steps of 2 actors," in table
+    assert engine_calls(prefix.format(11) + "answerer: engine ready in 8.1 s")["engine_steps"] is None

@@ -7,7 +7,8 @@
 Layout: config (EngineConfig) · request (SamplingParams, Completion, Delta, Request) · loading
 (base + adapters) · decoder (the model's forward over a slot KV cache) · lora_rows (adapters
 per row) · graphs (decode steps, CUDA graphs) · sampling · textstream (detokenising, stop strings) ·
-runner (continuous batching steps) · scheduler (engine thread) · core (Engine) · errors.
+runner (continuous batching steps) · stats (where the step loop's time goes) · scheduler (engine
+thread) · core (Engine) · errors.
 """
 
 from .config import BASE_NAME, EngineConfig

@@ -18,6 +18,7 @@ from .errors import EngineError, EngineFailure, PromptTooLong, UnknownModel
 from .request import Completion, Delta, Request, SamplingParams
 from .runner import StepRunner
 from .scheduler import Scheduler
+from .stats import difference
 from .textstream import TextStream
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ class Engine:
             decoder, adapters, cfg.max_batch_size, self.max_context, eos, cfg.compile, cfg.prefill_tokens
         )
         self._scheduler = Scheduler(runner)
+        self._stats = runner.stats
         # The engine thread detokenises while callers tokenise; fast tokenizers are not safe to share
         # across threads ("Already borrowed"), so the engine thread gets its own copy.
         self._decoder = copy.deepcopy(self.tokenizer)
@@ -85,6 +87,12 @@ class Engine:
     def pending(self) -> int:
         """Requests submitted and not finished yet (running or waiting)."""
         return self._scheduler.pending
+
+    def stats(self, since: dict[str, float] | None = None) -> dict[str, float]:
+        """The step loop's counters (mistral_qa.engine.stats) since the engine started, or since an
+        earlier `stats()` snapshot."""
+        now = self._stats.snapshot()
+        return now if since is None else difference(now, since)
 
     def count_tokens(self, text: str) -> int:
         """Tokens of `text` as a prompt (with BOS, as training tokenised prompts)."""

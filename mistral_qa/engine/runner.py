@@ -26,6 +26,7 @@ from .errors import Cancelled
 from .graphs import PREFILL_TOKENS, DecodeSteps, host_longs
 from .request import Delta, Request
 from .sampling import choose, next_tokens
+from .stats import EngineStats
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ class StepRunner:
         self.waiting: deque[Request] = deque()
         self.rows: list[Request] = []  # rows[i] is in cache slot i
         self.in_flight: tuple[list[Request], torch.Tensor] | None = None  # a launched step: its rows, tokens
+        self.stats = EngineStats()
 
     @property
     def running(self) -> int:
@@ -65,13 +67,23 @@ class StepRunner:
     @torch.inference_mode()
     def step(self) -> None:
         """Launch the next decode step, then collect the one before it and stream its tokens' text
-        while the GPU computes; then admit waiting requests."""
+        while the GPU computes; then admit waiting requests. Timed into self.stats (the GPU wait in
+        _collect, prefill in _admit)."""
+        started = time.perf_counter()
         self._drop_cancelled()
         previous, self.in_flight = self.in_flight, None
+        launching = time.perf_counter()
         self._launch(previous)
+        launched = time.perf_counter()
         collected = self._collect(previous)
+        streaming = time.perf_counter()
         self._stream(collected)
+        streamed = time.perf_counter()
         self._admit()
+        stats = self.stats
+        stats.launch_s += launched - launching
+        stats.text_s += streamed - streaming
+        stats.busy_s += time.perf_counter() - started
 
     @staticmethod
     def _cached(row: Request) -> int:
@@ -105,6 +117,8 @@ class StepRunner:
             self.rows = []
             return
         self.in_flight = (rows, tokens)
+        longest = max(positions) + 1
+        self.stats.decode_step(len(rows), self.steps.shape(len(rows), longest)[2], longest)
 
     def _collect(self, launched: tuple[list[Request], torch.Tensor] | None) -> list[tuple[Request, str | None]]:
         """Read the tokens of a launched step; give each still-running row its token. Rows that EOS or
@@ -112,6 +126,7 @@ class StepRunner:
         if launched is None:
             return []
         rows, tokens = launched
+        waiting = time.perf_counter()
         try:
             tokens = tokens.tolist()
         except Exception as err:
@@ -119,6 +134,7 @@ class StepRunner:
             self.rows = []
             self.in_flight = None
             return []
+        self.stats.gpu_wait_s += time.perf_counter() - waiting
         running = {id(r) for r in self.rows}
         collected = [
             (row, self._append(row, token)) for row, token in zip(rows, tokens, strict=True) if id(row) in running
@@ -140,7 +156,9 @@ class StepRunner:
             else:
                 chosen.append(request)
         for chunk in prefill_chunks(chosen, self.steps.prefill_tokens):
+            started = time.perf_counter()
             self._prefill(chunk)
+            self.stats.prefill(len(chunk), sum(r.prompt_tokens for r in chunk), time.perf_counter() - started)
 
     def _prefill(self, requests: list[Request]) -> None:
         first = len(self.rows)

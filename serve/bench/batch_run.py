@@ -113,4 +113,47 @@ def engine_calls(log_text: str) -> dict:
         "engine_calls": sum(len(calls) for calls in spans.values()),
         "engine_ready_s": ready,
         "engine_tok_s_per_gpu": tokens / seconds if seconds else None,
+        "engine_steps": engine_steps(log_text),
+    }
+
+
+STATS_LINE = re.compile(
+    r"pid=(?P<pid>\d+)\).*?answerer: engine since ready: (?P<steps>\d+) steps, [0-9.]+ ms/step, "
+    r"(?P<rows_per_step>[0-9.]+) rows/step, context (?P<context_cols>[0-9.]+) cols for longest (?P<longest>[0-9.]+), "
+    r"busy (?P<busy_s>[0-9.]+) s, launch (?P<launch_s>[0-9.]+) s, GPU wait (?P<gpu_wait_s>[0-9.]+) s, "
+    r"text (?P<text_s>[0-9.]+) s, prefill (?P<prefill_s>[0-9.]+) s \((?P<prefill_calls>\d+) calls, "
+    r"(?P<prefill_prompts>\d+) prompts, (?P<prefill_tokens>\d+) tokens\)"
+)
+SECONDS = ("busy_s", "launch_s", "gpu_wait_s", "text_s", "prefill_s")
+PER_STEP = ("rows_per_step", "context_cols", "longest")
+
+
+def engine_steps(log_text: str) -> dict | None:
+    """The engines' step-loop counters (the Answerer's "engine since ready" lines), over all actors.
+
+    Each line holds its actor's totals since its engine was ready (calls overlap, so per-call windows
+    would count steps twice): an actor's line with the most steps is its whole run. The actors'
+    totals are summed; per-step means are weighted by steps. None when the log has no such line."""
+    last: dict[str, dict[str, float]] = {}
+    for match in STATS_LINE.finditer(log_text):
+        line = {k: float(v) for k, v in match.groupdict().items() if k != "pid"}
+        pid = match["pid"]
+        if pid not in last or line["steps"] >= last[pid]["steps"]:
+            last[pid] = line
+    if not last:
+        return None
+    actors = list(last.values())
+    steps = sum(a["steps"] for a in actors)
+    total = {k: sum(a[k] for a in actors) for k in SECONDS}
+    counts = {k: int(sum(a[k] for a in actors)) for k in ("prefill_calls", "prefill_prompts", "prefill_tokens")}
+    means = {k: sum(a[k] * a["steps"] for a in actors) / steps if steps else None for k in PER_STEP}
+    other = total["busy_s"] - sum(total[k] for k in SECONDS[1:])
+    return {
+        "actors": len(actors),
+        "steps": int(steps),
+        "ms_per_step": total["busy_s"] * 1000 / steps if steps else None,
+        **means,
+        **total,
+        "other_s": other,
+        **counts,
     }

@@ -126,6 +126,21 @@ def adapter_rows(r: dict) -> list[tuple]:
     ]
 
 
+def _engine_step_rows(who: str, s: dict | None) -> list[tuple]:
+    """The actors' engines from the inside (serve/bench/batch_run.py's engine_steps): busy time per
+    decode step and where it went; none for a log without those lines."""
+    if not s or not s["steps"]:
+        return []
+    actors = f" of {s['actors']} actors" if s["actors"] > 1 else ""
+    note = (
+        f"{s['steps']} steps{actors}, {s['rows_per_step']:.1f} rows/step, context {s['context_cols']:.0f} cols for "
+        f"longest {s['longest']:.0f}; busy {s['busy_s']:.1f} s = GPU wait {s['gpu_wait_s']:.1f} + launch "
+        f"{s['launch_s']:.1f} + text {s['text_s']:.1f} + prefill {s['prefill_s']:.1f} ({s['prefill_prompts']} "
+        f"prompts, {s['prefill_tokens']} tokens) + other {s['other_s']:.1f} s"
+    )
+    return [(f"{who}: engine step loop", s["ms_per_step"], "ms/step", note)]
+
+
 def batch_rows(r: dict) -> list[tuple]:
     rows = []
     for run in r["runs"]:
@@ -141,6 +156,7 @@ def batch_rows(r: dict) -> list[tuple]:
                 + ", ".join(f"{s:.0f}" for s in run.get("engine_ready_s", []))
                 + " s",
             ),
+            *_engine_step_rows(who, run.get("engine_steps")),
             (f"{who}: wall time", run["job_wall_s"], "s", f"process incl. start-up {run['process_wall_s']:.0f} s"),
             (
                 f"{who}: rows written",
