@@ -41,7 +41,9 @@ class Engine:
 
     def __init__(self, cfg: EngineConfig):
         self.cfg = cfg
+        started = time.perf_counter()
         self._loaded = loading.load(cfg)
+        log.info("engine: model loaded in %.1f s", time.perf_counter() - started)
         self.tokenizer = self._loaded.tokenizer
         self.max_context = loading.context_limit(self._loaded.model, cfg.max_context)
         self.base_name = BASE_NAME
