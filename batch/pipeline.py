@@ -160,17 +160,18 @@ class Answerer:
         actor's last line is its total. serve/bench/batch_run.py parses this line. ms/step is the
         step loop's busy time (prefill included) per decode step; context is the mean cache columns
         attention read per step (its padded shape) against the mean longest row."""
-        s = self.engine.stats(since=self.ready_stats)
-        steps = max(s["steps"], 1)
+        from mistral_qa.engine.stats import summary  # here: the driver does not import the engine (torch)
+
+        s = summary(self.engine.stats(since=self.ready_stats))
         log.info(
             "answerer: engine since ready: %d steps, %.1f ms/step, %.1f rows/step, context %.0f cols for longest "
             "%.0f, busy %.2f s, launch %.2f s, GPU wait %.2f s, text %.2f s, prefill %.2f s (%d calls, %d prompts, "
             "%d tokens)",
             s["steps"],
-            s["busy_s"] * 1000 / steps,
-            s["rows"] / steps,
-            s["context_columns"] / steps,
-            s["longest"] / steps,
+            s["ms_per_step"],
+            s["rows_per_step"],
+            s["context_cols"],
+            s["longest"],
             s["busy_s"],
             s["launch_s"],
             s["gpu_wait_s"],

@@ -15,9 +15,11 @@ and "staggered", client k of C starting k * --serve-ramp-s / C later (closer to 
 about as long as one request spreads arrivals evenly over the decode cycle; --serve-ramp-s 0 skips
 the staggered run.
 
-The engine phase also profiles the engine's GPU work alone (--profile-steps, serve/bench/engine_profile.py):
-a decode step at 1 and at --max-batch-size sequences and one prefill pack, by kernel category, with
-optional chrome traces (--profile-trace-dir).
+The engine phase also times --max-batch-size requests submitted at once in process, with the
+engine's own step-loop figures (ms and rows per decode step; seconds launching, waiting for the
+GPU, streaming text, prefilling), and profiles the engine's GPU work alone (--profile-steps,
+serve/bench/engine_profile.py): a decode step at 1 and at --max-batch-size sequences and one
+prefill pack, by kernel category, with optional chrome traces (--profile-trace-dir).
 
 Phases run in this order: engine, adapters, serve, batch, hf (the baselines last: they are the
 slowest and least important figures); the table lists them as hf, engine, serve, adapters, batch.
@@ -198,7 +200,7 @@ def phase_engine(b: Bench) -> dict:
     from mistral_qa.profiling import format_summary
 
     from .bench.engine_profile import profile_engine
-    from .bench.engine_runs import single_stream
+    from .bench.engine_runs import full_batch, single_stream
 
     a = b.args
     with gpu.TorchPeak() as peak:
@@ -207,6 +209,8 @@ def phase_engine(b: Bench) -> dict:
         load_s = time.perf_counter() - start
         try:
             single = single_stream(engine, b.prompts[0].prompt, a.max_tokens, a.single_repeats)
+            full = full_batch(engine, [p.prompt for p in b.prompts], a.max_batch_size, a.max_tokens)
+            log(f"engine, {a.max_batch_size} requests at once: {full['tok_s']:.1f} tok/s")
             profile = {}
             if a.profile_steps:
                 context = min(a.prompt_tokens + a.max_tokens, a.max_context)
@@ -221,6 +225,7 @@ def phase_engine(b: Bench) -> dict:
             del engine
         return {
             "single": single,
+            "full_batch": full,
             "profile": profile,
             "load_s": load_s,
             "peak_gpu_gib": peak.read(),

@@ -9,7 +9,7 @@ import pytest
 
 from mistral_qa.config import ModelConfig
 from mistral_qa.engine import Engine, EngineConfig, SamplingParams
-from mistral_qa.engine.stats import difference
+from mistral_qa.engine.stats import difference, summary
 from mistral_qa.prompt import build_prompt
 
 TINY = ModelConfig(source="random", name="tiny-mistral")
@@ -73,3 +73,15 @@ def test_a_difference_holds_only_its_window(engine):
     assert window["prefill_prompts"] == 3 and window["prefill_tokens"] == sum(c.prompt_tokens for c in results)
     assert window["steps"] >= max(c.completion_tokens for c in results) - 1
     assert after["prefill_prompts"] - window["prefill_prompts"] >= 2 + 1  # the first call and the warm-up
+
+
+def test_summary_gives_per_step_figures(engine):
+    before = settled(engine)
+    engine.generate(PROMPTS, PARAMS)
+    window = difference(settled(engine), before)
+    s = summary(window)
+    assert s["steps"] == window["steps"] and s["rows_per_step"] == window["rows"] / window["steps"]
+    assert s["ms_per_step"] == window["busy_s"] * 1000 / window["steps"]
+    named = sum(window[k] for k in ("launch_s", "gpu_wait_s", "text_s", "prefill_s"))
+    assert s["other_s"] == window["busy_s"] - named >= 0
+    assert summary(difference(before, before))["ms_per_step"] == 0.0  # an empty window: no division by zero

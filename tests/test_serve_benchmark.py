@@ -238,6 +238,10 @@ def test_hf_and_engine_figures(tiny_benchmark):
     single = engine["single"]
     assert 56 <= single["prompt_tokens"] <= 64 and single["output_tokens"] >= 8
     assert positive(single["decode_ms_per_token"]) and positive(single["ttft_ms"])
+    full = engine["full_batch"]  # 64 requests (the default max_batch_size) at once, in process
+    assert full["requests"] == 64 and full["output_tokens"] >= 64 * 8 and positive(full["tok_s"])
+    assert full["engine"]["prefill_prompts"] == 64 and 1 < full["engine"]["rows_per_step"] <= 64
+    assert "| engine | 64 requests at once, in process: engine step loop |" in tiny_benchmark[1]
     # The profile: a decode step alone at 1 and 64 sequences (the default max_batch_size), and a prefill pack.
     names = list(engine["profile"])
     assert len(names) == 3 and names[0].startswith("decode step, 1 sequence") and "64 sequence" in names[1]

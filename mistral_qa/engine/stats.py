@@ -53,3 +53,25 @@ class EngineStats:
 def difference(later: dict[str, float], earlier: dict[str, float]) -> dict[str, float]:
     """The counters of the window between two snapshots."""
     return {name: value - earlier[name] for name, value in later.items()}
+
+
+def summary(counters: dict[str, float]) -> dict[str, float]:
+    """Counters (a snapshot or a window) as figures: per decode step means (ms of the busy step loop,
+    prefill included; rows; attention context columns; the longest row), the seconds, and "other":
+    busy time outside launching, waiting for the GPU, streaming text and prefill."""
+    steps = counters["steps"]
+
+    def per_step(value: float) -> float:
+        return value / steps if steps else 0.0
+
+    named = sum(counters[k] for k in ("launch_s", "gpu_wait_s", "text_s", "prefill_s"))
+    return {
+        "steps": steps,
+        "ms_per_step": per_step(counters["busy_s"] * 1000),
+        "rows_per_step": per_step(counters["rows"]),
+        "context_cols": per_step(counters["context_columns"]),
+        "longest": per_step(counters["longest"]),
+        **{k: counters[k] for k in ("busy_s", "launch_s", "gpu_wait_s", "text_s", "prefill_s")},
+        "other_s": counters["busy_s"] - named,
+        **{k: counters[k] for k in ("prefill_calls", "prefill_prompts", "prefill_tokens")},
+    }

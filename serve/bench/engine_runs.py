@@ -98,3 +98,17 @@ def batch_run(engine: Engine, items: list[tuple[str, str | None]], max_tokens: i
         run_requests(engine, items, params)
     timed = run_requests(engine, items, params)
     return throughput(timed), timed
+
+
+def full_batch(engine: Engine, prompts: list[str], rows: int, max_tokens: int) -> dict:
+    """`rows` requests (the prompts cycled) submitted at once, in process, after one warm-up run of
+    the same batch: their throughput, and the engine's step-loop figures over the timed run
+    (mistral_qa.engine.stats.summary: ms and rows per decode step, where the seconds went)."""
+    from mistral_qa.engine.stats import summary
+
+    items = [(prompts[i % len(prompts)], None) for i in range(rows)]
+    params = SamplingParams(max_tokens=max_tokens)
+    run_requests(engine, items, params)
+    before = engine.stats()
+    timed = run_requests(engine, items, params)
+    return {**throughput(timed), "engine": {"actors": 1, **summary(engine.stats(since=before))}}

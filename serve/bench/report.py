@@ -53,6 +53,11 @@ def engine_rows(r: dict) -> list[tuple]:
         ("single stream: decode (first to last token)", s["decode_ms_per_token"], "ms/token", shape),
         ("single stream: TTFT", s["ttft_ms"], "ms", "submit to first token"),
     ]
+    full = r.get("full_batch")
+    if full:
+        who = f"{full['requests']} requests at once, in process"
+        rows.append((f"{who}: output tok/s", full["tok_s"], "tok/s", f"{full['output_tokens']} tokens"))
+        rows += _engine_step_rows(who, full["engine"])
     for name, p in r.get("profile", {}).items():
         ms = {c["name"]: c["ms_per_step"] for c in p["categories"]}
         top = p["top_kernels"][0]["name"][:40] if p["top_kernels"] else "-"
