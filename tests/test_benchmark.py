@@ -49,3 +49,20 @@ def test_benchmark_runs_both_phases_and_the_losses_agree(tmp_path):
     assert project["padding_pct"] < baseline["padding_pct"]
     check = report["agreement"]
     assert check["agree"] and check["rows"] == 16 and check["max_abs_diff"] < 1e-4
+
+
+def test_fixed_row_batches_for_the_ladder(tmp_path):
+    """--batch-tokens 0: the project's step on --baseline-batch rows per batch (no length grouping),
+    to measure what grouping buys on its own; the losses still agree with HF's."""
+    out = tmp_path / "bench.json"
+    args = ["--model-name", "tiny-mistral", "--data", "builtin:mobile_health", "--device", "cpu", "--steps", "2"]
+    args += ["--warmup", "1", "--max-length", "256", "--batch-tokens", "0", "--skip-baseline", "--no-second-pass"]
+    args += ["--check-rows", "8", "--json-out", str(out)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(
+        [sys.executable, "-m", "train.benchmark", *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600
+    )
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert "B  project, 8 rows/batch" in result.stdout and "-> PASS" in result.stdout
+    [project] = json.loads(out.read_text())["results"]
+    assert project["rows"] == 16 and project["padded_tokens"] > project["tokens"]  # 2 steps x 8 rows, padded

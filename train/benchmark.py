@@ -4,6 +4,7 @@
     python -m train.benchmark --compile --batch-tokens 4096 --json-out bench.json
     python -m train.benchmark --model-name tiny-mistral --data builtin:mobile_health --device cpu --steps 3 --warmup 1
     python -m train.benchmark --skip-baseline --check-rows 0 --profile 3 --profile-trace step.json.gz  # where B's time goes
+    python -m train.benchmark --skip-baseline --batch-tokens 0        # B on A's 8-row batches: what grouping buys
 
 In one process on one device, on the same rows (Alpaca prompt + output, truncated at --max-length),
 the same base weights (model.source=random, seed 0) and LoRA r=16 on q_proj/v_proj:
@@ -45,7 +46,7 @@ from mistral_qa.model import RANDOM_SHAPES, load_tokenizer
 from mistral_qa.prompt import build_prompt
 
 from . import agreement, hf_baseline
-from .batches import TokenBudgetSchedule, step_seed
+from .batches import TokenBudgetSchedule, micro_batch_indices, step_seed
 from .optim import build_optimizer, build_scheduler
 from .step import autocast, backward, build_trainable, make_batch, optimizer_step, peak_memory_gib
 
@@ -103,7 +104,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=positive, default=20, help="timed optimiser steps per phase")
     p.add_argument("--warmup", type=positive, default=5, help="untimed steps first (compilation, allocator, paging)")
     p.add_argument("--baseline-batch", type=int, default=8, help="rows per baseline batch")
-    p.add_argument("--batch-tokens", type=int, default=4096, help="token budget of the project's batches")
+    p.add_argument(
+        "--batch-tokens",
+        type=non_negative,
+        default=4096,
+        help="token budget of the project's batches (0: --baseline-batch rows per batch, shuffled, as A)",
+    )
     p.add_argument("--compile", action="store_true", help="the project's step with training.compile")
     p.add_argument(
         "--cudnn-attention", action="store_true", help="the project's step with training.cudnn_attention (A/B)"
@@ -189,7 +195,8 @@ def project_config(args, model_cfg: ModelConfig, device: torch.device) -> TrainJ
         optim={"name": "paged_adamw_32bit", "lr": 2e-4, "schedule": "cosine", "max_grad_norm": 0.3},
         training=TrainingConfig(
             max_steps=args.warmup + args.steps,
-            batch_tokens=args.batch_tokens,
+            batch_size=args.baseline_batch,
+            batch_tokens=args.batch_tokens or None,
             compile=args.compile,
             cudnn_attention=args.cudnn_attention,
             precision="fp16" if on_cuda else "fp32",
@@ -210,13 +217,21 @@ def run_project(
     optimizer = build_optimizer(cfg.optim, [p for p in model.parameters() if p.requires_grad], device.type == "cuda")
     scheduler = build_scheduler(cfg.optim, optimizer, cfg.training.max_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype is not None)
-    schedule = TokenBudgetSchedule([len(x["input_ids"]) for x in items], args.seed, args.batch_tokens)
+    lengths = [len(x["input_ids"]) for x in items]
+    schedule = TokenBudgetSchedule(lengths, args.seed, args.batch_tokens) if args.batch_tokens else None
+
+    def batch_rows(step: int) -> list[int]:
+        if schedule is not None:
+            return schedule.micro_batch_indices(step, 0, 1, 1, 0)
+        # --baseline-batch rows per batch, as training picks them without training.batch_tokens
+        return micro_batch_indices(len(items), args.seed, step, 0, 1, args.baseline_batch, 1, 0)
+
     model.train()
 
     def train_step(step: int) -> list[int]:
         """One optimiser step on the step's batch, its parts named for the profiler; its rows' lengths."""
         torch.manual_seed(step_seed(args.seed, step, 0))
-        rows = schedule.micro_batch_indices(step, 0, 1, 1, 0)
+        rows = batch_rows(step)
         batch = make_batch([items[i] for i in rows], pad_id, device)
         with record_function(profiling.FORWARD), autocast(device, dtype):
             loss = model(**batch)
@@ -259,7 +274,8 @@ def project_result(
     """Phase B's result from the row lengths of its timed batches."""
     lengths = [n for batch in timed for n in batch]
     compiled = "compiled, " if args.compile else ""
-    name = "B' the same batches again" if second else f"B  project, {compiled}{args.batch_tokens}-token batches"
+    batches = f"{args.batch_tokens}-token batches" if args.batch_tokens else f"{args.baseline_batch} rows/batch"
+    name = "B' the same batches again" if second else f"B  project, {compiled}{batches}"
     return Result(
         name=name,
         steps=args.steps,
@@ -315,9 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_rows:
         dtype = torch.float16 if device.type == "cuda" else torch.float32
         rows = items[: args.check_rows]
-        check = agreement.compare(
-            model, rows, tokenizer.pad_token_id, args.baseline_batch, args.batch_tokens, args.seed, dtype
-        )
+        budget = args.batch_tokens or args.baseline_batch * args.max_length
+        check = agreement.compare(model, rows, tokenizer.pad_token_id, args.baseline_batch, budget, args.seed, dtype)
     tflops = peak_tflops(device, args.peak_tflops)
     for r in results:
         r.finish(tflops)
