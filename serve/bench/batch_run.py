@@ -14,6 +14,7 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
+from mistral_qa.engine.stats import summary
 from mistral_qa.profiling import Work, merged_length
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -125,35 +126,31 @@ STATS_LINE = re.compile(
     r"(?P<prefill_prompts>\d+) prompts, (?P<prefill_tokens>\d+) tokens\)"
 )
 SECONDS = ("busy_s", "launch_s", "gpu_wait_s", "text_s", "prefill_s")
-PER_STEP = ("rows_per_step", "context_cols", "longest")
+COUNTS = ("steps", "prefill_calls", "prefill_prompts", "prefill_tokens")
+MEANS = {"rows_per_step": "rows", "context_cols": "context_columns", "longest": "longest"}  # line -> counter
+
+
+def _counters(match: re.Match) -> dict[str, float]:
+    """One "engine since ready" line back as the engine's counters (per-step means times steps)."""
+    line = match.groupdict()
+    counters: dict[str, float] = {k: int(line[k]) for k in COUNTS}
+    counters |= {counter: float(line[mean]) * counters["steps"] for mean, counter in MEANS.items()}
+    return counters | {k: float(line[k]) for k in SECONDS}
 
 
 def engine_steps(log_text: str) -> dict | None:
-    """The engines' step-loop counters (the Answerer's "engine since ready" lines), over all actors.
+    """The engines' step-loop figures (the Answerer's "engine since ready" lines) over all actors:
+    mistral_qa.engine.stats.summary of their summed counters, and how many actors.
 
     Each line holds its actor's totals since its engine was ready (calls overlap, so per-call windows
-    would count steps twice): an actor's line with the most steps is its whole run. The actors'
-    totals are summed; per-step means are weighted by steps. None when the log has no such line."""
+    would count steps twice): an actor's line with the most steps is its whole run. None when the log
+    has no such line."""
     last: dict[str, dict[str, float]] = {}
     for match in STATS_LINE.finditer(log_text):
-        line = {k: float(v) for k, v in match.groupdict().items() if k != "pid"}
-        pid = match["pid"]
-        if pid not in last or line["steps"] >= last[pid]["steps"]:
-            last[pid] = line
+        counters, pid = _counters(match), match["pid"]
+        if pid not in last or counters["steps"] >= last[pid]["steps"]:
+            last[pid] = counters
     if not last:
         return None
     actors = list(last.values())
-    steps = sum(a["steps"] for a in actors)
-    total = {k: sum(a[k] for a in actors) for k in SECONDS}
-    counts = {k: int(sum(a[k] for a in actors)) for k in ("prefill_calls", "prefill_prompts", "prefill_tokens")}
-    means = {k: sum(a[k] * a["steps"] for a in actors) / steps if steps else None for k in PER_STEP}
-    other = total["busy_s"] - sum(total[k] for k in SECONDS[1:])
-    return {
-        "actors": len(actors),
-        "steps": int(steps),
-        "ms_per_step": total["busy_s"] * 1000 / steps if steps else None,
-        **means,
-        **total,
-        "other_s": other,
-        **counts,
-    }
+    return {"actors": len(actors), **summary({k: sum(a[k] for a in actors) for k in actors[0]})}
