@@ -62,11 +62,12 @@ def references(engine):
     "compile", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["eager", "compiled"]
 )  # compiling on CPU takes a minute or more
 def test_padded_shapes_equal_generate(engine, references, compile):
-    """The CUDA shapes (>= 64 matmul rows, power-of-two attention rows and context, prefill packed
+    """The CUDA shapes (>= 64 matmul rows, power-of-two attention rows >= 2 and context, prefill packed
     and padded to 1024 tokens), eagerly and compiled: padding never changes a row's tokens."""
     steps = swap_steps(engine, padded=True, compile=compile)
     try:
         assert steps.shape(3, 200) == (64, 4, 256)
+        assert steps.shape(1, 20) == (64, 2, 128)  # never a 1-row attention: compile would specialise it
         results = engine.generate(PROMPTS, SamplingParams(max_tokens=MAX_NEW))
     finally:
         swap_steps(engine)

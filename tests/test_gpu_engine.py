@@ -74,3 +74,22 @@ def test_float16_engine_follows_generate_on_the_first_tokens(engine):
         ref = model.generate(**inputs, max_new_tokens=8, do_sample=False)[0, inputs["input_ids"].shape[1] :].tolist()
     [c] = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=8))
     assert c.token_ids[:4] == ref[:4]
+
+
+def test_packed_prefill_equals_one_attention_call_per_prompt(engine, monkeypatch):
+    """On CUDA a prefill pack runs all its prompts through one variable-length flash-attention call;
+    each prompt's last-token logits match attending prompt by prompt, and a prompt's own numbers do
+    not depend on what it is packed with."""
+    from mistral_qa.engine import decoder as module
+
+    dec = engine._scheduler._runner.decoder
+    assert module.packed_attention(dec.device, dec.dtype)
+    prompts = [engine.tokenizer(p)["input_ids"] for p in PROMPTS[:6]]
+    assert len({len(p) for p in prompts}) > 1
+    packed = dec.prefill(prompts, 0, [-1] * 6, pad_tokens=1024, pad_rows=64)
+    alone = dec.prefill(prompts[3:4], 0, [-1], pad_tokens=1024, pad_rows=64)
+    monkeypatch.setattr(module, "packed_attention", lambda device, dtype: False)
+    looped = dec.prefill(prompts, 0, [-1] * 6, pad_tokens=1024, pad_rows=64)
+    torch.testing.assert_close(packed, looped, atol=2e-2, rtol=0)
+    assert torch.equal(packed.argmax(-1), looped.argmax(-1))
+    assert torch.equal(packed[3], alone[0])

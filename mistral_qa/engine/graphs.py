@@ -14,6 +14,9 @@ import torch
 from .decoder import SlotDecoder
 
 GEMM_ROWS = 64  # CUDA: least rows in every decode matmul
+# CUDA: least attention rows. torch.compile specialises a size of 1, so a 1-row step would compile the
+# decode layer a second time (tens of seconds) the first time a second sequence joins.
+MIN_ATTENTION_ROWS = 2
 MIN_CONTEXT = 128  # CUDA: least cache columns attention reads
 # Default prefill pack: shorter prompts run packed (on CUDA padded to this many tokens), longer ones alone.
 PREFILL_TOKENS = 1024
@@ -64,7 +67,7 @@ class DecodeSteps:
         if not self.padded:
             return n, n, longest
         context = min(max(MIN_CONTEXT, _pow2(longest)), self.decoder.slot_len)
-        return self._gemm_rows(n), min(_pow2(n), self.decoder.slots), context
+        return self._gemm_rows(n), min(max(MIN_ATTENTION_ROWS, _pow2(n)), self.decoder.slots), context
 
     def prefill_padding(self, total_tokens: int) -> tuple[int | None, int | None]:
         """(pad_tokens, pad_rows) for a prefill forward of total_tokens packed prompt tokens."""
