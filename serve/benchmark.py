@@ -61,6 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-batch-size", type=int, default=64, help="engine.max_batch_size everywhere")
     p.add_argument("--max-context", type=int, default=1024, help="engine.max_context everywhere")
     p.add_argument("--prefill-tokens", type=int, default=1024, help="engine.prefill_tokens everywhere")
+    p.add_argument(
+        "--decode-attention", default="sdpa", choices=["sdpa", "flex"], help="engine.decode_attention everywhere"
+    )
     p.add_argument("--prompt-tokens", type=int, default=256, help="length of each distinct prompt (tokens)")
     p.add_argument("--max-tokens", type=int, default=256, help="new tokens per request (engine, serve, adapters)")
     p.add_argument("--distinct-prompts", type=int, default=16, help="distinct prompts, reused across requests")
@@ -161,6 +164,7 @@ class Bench:
             "max_batch_size": a.max_batch_size,
             "max_context": a.max_context,
             "prefill_tokens": a.prefill_tokens,
+            "decode_attention": a.decode_attention,
         }
 
     def engine_config(self):

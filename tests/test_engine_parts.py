@@ -66,6 +66,7 @@ def test_prompt_template_must_match():
         ({"adapters": {"base": "x"}}, "names the base"),
         ({"adapters": {"a": "x"}, "max_batch_size": 0}, "greater than or equal to 1"),
         ({"adapters": {"a": "x"}, "colour": "red"}, "Extra inputs"),
+        ({"adapters": {"a": "x"}, "decode_attention": "flash"}, "'sdpa' or 'flex'"),
     ],
 )
 def test_engine_config_rejects(fields, message):

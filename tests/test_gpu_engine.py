@@ -1,5 +1,6 @@
-"""The engine on a GPU (skipped without one): CUDA graphs + the compiled decode layer give the same
-greedy tokens as the eager CUDA path, and a request's answer does not depend on what it is batched with."""
+"""The engine on a GPU (skipped without one), with each decode attention: CUDA graphs + the compiled
+decode layer give the same greedy tokens as the eager CUDA path, and a request's answer does not depend
+on what it is batched with."""
 
 from __future__ import annotations
 
@@ -21,9 +22,11 @@ PROMPTS = [
 PARAMS = SamplingParams(max_tokens=48)
 
 
-@pytest.fixture(scope="module")
-def engine():
-    eng = Engine(EngineConfig(model=TINY, device="cuda", max_batch_size=64, max_context=1024))
+@pytest.fixture(scope="module", params=["sdpa", "flex"])
+def engine(request):
+    eng = Engine(
+        EngineConfig(model=TINY, device="cuda", max_batch_size=64, max_context=1024, decode_attention=request.param)
+    )
     yield eng
     eng.close()
 

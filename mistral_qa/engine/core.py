@@ -52,7 +52,7 @@ class Engine:
         self.model_config = self._loaded.model_config
         loaded = self._loaded
         adapters = [] if loaded.merged else list(loaded.adapters)  # merged: the weights hold the adapter
-        decoder = SlotDecoder(loaded.model, adapters, cfg.max_batch_size, self.max_context)
+        decoder = SlotDecoder(loaded.model, adapters, cfg.max_batch_size, self.max_context, cfg.decode_attention)
         eos = eos_ids(loaded.model, self.tokenizer)
         runner = StepRunner(
             decoder, adapters, cfg.max_batch_size, self.max_context, eos, cfg.compile, cfg.prefill_tokens

@@ -21,11 +21,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from ..model import ModelLoadError
 from .lora_rows import LoraRows
 
 PREFILL_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+DECODE_ATTENTION = ("sdpa", "flex")
+# Flex block mask: cache columns per KV block, and the size of its one query block (inductor's decoding
+# kernel needs a multiple of its 16-row tile there).
+FLEX_BLOCK = 128
 _LAYER_PARTS = ("input_layernorm", "post_attention_layernorm", "self_attn", "mlp")
 _ATTN_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP_PARTS = ("gate_proj", "up_proj", "down_proj", "act_fn")
@@ -130,20 +135,51 @@ def finish_layer(layer, tables, h, attended, adapter_index):
     return h + project(mlp.down_proj, tables["down_proj"], mlp.act_fn(gate) * up, adapter_index)
 
 
+def flex_mask(positions: torch.Tensor, slots: int, columns: int) -> BlockMask:
+    """Flex attention's mask over all `slots` cache rows of `columns` columns: row i < len(positions)
+    attends to columns 0..positions[i], reading only the KV blocks that hold them; the other slots
+    read nothing. Device tensor ops only, so a CUDA graph replays it with new positions."""
+    seen = F.pad(positions, (0, slots - positions.shape[0]), value=-1)
+    blocks = -(-columns // FLEX_BLOCK)
+    used = (seen // FLEX_BLOCK + 1).to(torch.int32)[:, None, None]  # 0 for the -1s
+    order = torch.arange(blocks, dtype=torch.int32, device=seen.device).repeat(slots, 1, 1, 1)
+
+    def up_to_position(b, h, q_idx, kv_idx):
+        return kv_idx <= seen[b]
+
+    for fixed in (seen, used, order):  # constant sizes for torch.compile(dynamic=True): see decode_layer
+        torch._dynamo.mark_static(fixed)
+    return BlockMask.from_kv_blocks(
+        used, order, BLOCK_SIZE=FLEX_BLOCK, mask_mod=up_to_position, seq_lengths=(1, columns), compute_q_blocks=False
+    )
+
+
 def decode_layer(layer, tables, h, cos, sin, adapter_index, keys, values, slot, positions, mask, dims):
     """One layer for one new token per row. Rows 0..len(slot)-1 are cache slots: their keys/values
-    are written at their positions and attention reads mask.shape[-1] columns; other rows are padding."""
+    are written at their positions; other rows are padding. `mask` is SDPA's boolean mask over the
+    first mask.shape[-1] cache columns, or a flex BlockMask over the whole cache (flex_mask)."""
     heads, kv_heads, head_dim, scale = dims
     rows = slot.shape[0]
     q, k, v = qkv(layer, tables, layer.input_layernorm(h), adapter_index, cos, sin, dims)
     keys[slot, :, positions[:rows]] = k[:rows, :, 0]
     values[slot, :, positions[:rows]] = v[:rows, :, 0]
-    context = mask.shape[-1]
-    # One new token per row: the query heads sharing a KV head ride as that head's "tokens".
-    qg = q[:rows].reshape(rows, kv_heads, heads // kv_heads, head_dim)
-    o = F.scaled_dot_product_attention(
-        qg, keys[:rows, :, :context], values[:rows, :, :context], attn_mask=mask, scale=scale
-    )
+    if isinstance(mask, BlockMask):
+        # Over all cache slots (those past `rows` read no blocks), the cache's shape made constant under
+        # torch.compile(dynamic=True): inductor's flex-decoding kernel needs a static batch (else it
+        # falls back to its general kernel) and skips bounds checks when the length is whole blocks.
+        # One compiled graph still serves every bucket of rows (on CUDA the cache never grows).
+        torch._dynamo.mark_static(keys, 0)
+        torch._dynamo.mark_static(keys, 2)
+        everyone = q.new_zeros(keys.shape[0], *q.shape[1:])
+        everyone[:rows] = q[:rows]
+        o = flex_attention(everyone, keys, values, block_mask=mask, scale=scale, enable_gqa=True)[:rows]
+    else:
+        context = mask.shape[-1]
+        # One new token per row: the query heads sharing a KV head ride as that head's "tokens".
+        qg = q[:rows].reshape(rows, kv_heads, heads // kv_heads, head_dim)
+        o = F.scaled_dot_product_attention(
+            qg, keys[:rows, :, :context], values[:rows, :, :context], attn_mask=mask, scale=scale
+        )
     attended = q.new_zeros(q.shape[0], 1, heads * head_dim)
     attended[:rows, 0] = o.reshape(rows, -1)
     return finish_layer(layer, tables, h, attended, adapter_index)
@@ -170,8 +206,12 @@ def _packed_causal(q, k, v, bounds: torch.Tensor, longest: int, scale: float) ->
 
 
 class SlotDecoder:
-    def __init__(self, model: nn.Module, adapters: list[str], slots: int, slot_len: int):
-        """`model` as loaded (PEFT-wrapped when adapters are attached unmerged)."""
+    def __init__(self, model: nn.Module, adapters: list[str], slots: int, slot_len: int, attention: str = "sdpa"):
+        """`model` as loaded (PEFT-wrapped when adapters are attached unmerged). `attention` is decode's:
+        "sdpa" reads the same context columns for every row, "flex" only the KV blocks each row needs."""
+        if attention not in DECODE_ATTENTION:
+            raise ValueError(f"decode attention {attention!r}: choose one of {', '.join(DECODE_ATTENTION)}")
+        self.attention = attention
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         check_supported(base)
         self.inner, self.lm_head = base.model, base.lm_head
@@ -313,14 +353,19 @@ class SlotDecoder:
 
     # -- decode ----------------------------------------------------------------------------------
 
+    @torch.inference_mode()
     def decode(
         self, ids: torch.Tensor, positions: torch.Tensor, adapter_index: torch.Tensor, rows: int, context: int
     ) -> torch.Tensor:
         """One token for each of slots 0..rows-1: ids/positions/adapter_index are [gemm_rows] (>= rows;
-        the extra rows are padding whose results are dropped); attention reads `context` cache
-        columns. Returns [gemm_rows, vocab] float32 logits. Runs eagerly or inside a CUDA graph."""
+        the extra rows are padding whose results are dropped); SDPA attention reads `context` cache
+        columns, flex each row's own. Returns [gemm_rows, vocab] float32 logits. Runs eagerly or inside
+        a CUDA graph."""
         slot = torch.arange(rows, device=self.device)
-        mask = (torch.arange(context, device=self.device)[None, :] <= positions[:rows, None])[:, None, None, :]
+        if self.attention == "flex":
+            mask = flex_mask(positions[:rows], self.slots, self.capacity)
+        else:
+            mask = (torch.arange(context, device=self.device)[None, :] <= positions[:rows, None])[:, None, None, :]
         h = self.inner.embed_tokens(ids)[:, None, :]
         cos, sin = self.inner.rotary_emb(h, positions[:, None])
         for layer, tables, keys, values in zip(self.layers, self.tables, self.keys, self.values, strict=True):

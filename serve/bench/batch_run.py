@@ -32,6 +32,7 @@ def job_overrides(model_name: str, actors: int, gpus_per_actor: float, engine: d
         f"engine.max_batch_size={engine['max_batch_size']}",
         f"engine.max_context={engine['max_context']}",
         f"engine.prefill_tokens={engine['prefill_tokens']}",
+        f"engine.decode_attention={engine['decode_attention']}",
         f"compute.batch_size={engine['max_batch_size']}",  # 2 calls per actor: the next one refills freed slots
         f"generation.max_tokens={max_tokens}",
         f"compute.num_actors={actors}",
