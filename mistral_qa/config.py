@@ -151,10 +151,11 @@ class EngineSettings(StrictModel):
         "this many, so an answer does not depend on its batch-mates; longer prompts run alone). Smaller: a lone "
         "prompt's first token comes sooner; larger: fewer forwards when many prompts arrive together.",
     )
-    decode_attention: Literal["sdpa", "flex"] = Field(
-        "sdpa",
+    decode_attention: Literal["auto", "sdpa", "flex"] = Field(
+        "auto",
         description="Decode attention: sdpa reads every row's cache up to the batch's longest row (on CUDA its "
-        "power-of-two bucket); flex (FlexAttention, a block mask) reads only the 128-token blocks each row has filled.",
+        "power-of-two bucket); flex (FlexAttention, a block mask) reads only the 128-token blocks each row has "
+        "filled, and needs compile to be fast; auto: flex on CUDA with compile, else sdpa.",
     )
 
 

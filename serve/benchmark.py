@@ -62,7 +62,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-context", type=int, default=1024, help="engine.max_context everywhere")
     p.add_argument("--prefill-tokens", type=int, default=1024, help="engine.prefill_tokens everywhere")
     p.add_argument(
-        "--decode-attention", default="sdpa", choices=["sdpa", "flex"], help="engine.decode_attention everywhere"
+        "--decode-attention",
+        default="auto",
+        choices=["auto", "sdpa", "flex"],
+        help="engine.decode_attention everywhere",
     )
     p.add_argument("--prompt-tokens", type=int, default=256, help="length of each distinct prompt (tokens)")
     p.add_argument("--max-tokens", type=int, default=256, help="new tokens per request (engine, serve, adapters)")

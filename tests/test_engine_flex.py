@@ -96,3 +96,18 @@ def test_flex_engine_equals_generate(engine):
     finally:
         runner.steps = DecodeSteps(runner.decoder)
     assert exact == expected and padded == expected
+
+
+def test_auto_attention_is_flex_only_where_it_runs_compiled(engine):
+    """auto: flex on CUDA with compile (its fast kernel); sdpa on CPU or uncompiled (flex's reference path)."""
+    from types import SimpleNamespace
+
+    from mistral_qa.engine.core import decode_attention
+
+    cuda, cpu = SimpleNamespace(device=torch.device("cuda")), SimpleNamespace(device=torch.device("cpu"))
+    auto = EngineConfig(model=TINY)
+    assert auto.decode_attention == "auto"
+    assert decode_attention(auto, cuda) == "flex" and decode_attention(auto, cpu) == "sdpa"
+    assert decode_attention(EngineConfig(model=TINY, compile=False), cuda) == "sdpa"
+    assert decode_attention(EngineConfig(model=TINY, decode_attention="flex"), cpu) == "flex"
+    assert engine._scheduler._runner.decoder.attention == "flex"

@@ -32,6 +32,14 @@ def eos_ids(model, tokenizer) -> set[int]:
     return {i for i in ids if i is not None}
 
 
+def decode_attention(cfg: EngineConfig, loaded) -> str:
+    """engine.decode_attention with auto resolved: flex where it runs compiled (CUDA with compile; measured
+    1.57x the batch job's rate at 256 rows on an H200), sdpa elsewhere (uncompiled flex is a slow reference)."""
+    if cfg.decode_attention != "auto":
+        return cfg.decode_attention
+    return "flex" if loaded.device.type == "cuda" and cfg.compile else "sdpa"
+
+
 class Engine:
     """Loads the base and adapters once, then answers prompts in continuous batches.
 
@@ -52,7 +60,9 @@ class Engine:
         self.model_config = self._loaded.model_config
         loaded = self._loaded
         adapters = [] if loaded.merged else list(loaded.adapters)  # merged: the weights hold the adapter
-        decoder = SlotDecoder(loaded.model, adapters, cfg.max_batch_size, self.max_context, cfg.decode_attention)
+        decoder = SlotDecoder(
+            loaded.model, adapters, cfg.max_batch_size, self.max_context, decode_attention(cfg, loaded)
+        )
         eos = eos_ids(loaded.model, self.tokenizer)
         runner = StepRunner(
             decoder, adapters, cfg.max_batch_size, self.max_context, eos, cfg.compile, cfg.prefill_tokens
