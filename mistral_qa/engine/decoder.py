@@ -199,7 +199,8 @@ def packed_attention(device: torch.device, dtype: torch.dtype) -> bool:
 def _packed_causal(q, k, v, bounds: torch.Tensor, longest: int, scale: float) -> torch.Tensor:
     """q: [tokens, heads, dim]; k, v: [tokens, kv_heads, dim]; prompt i is tokens bounds[i]..bounds[i+1]
     (int32 on the device). Causal attention within each prompt, from its own first token, so a
-    prompt gets the numbers it gets alone whatever it is packed with."""
+    prompt gets the numbers it gets alone whatever it is packed with. The aten op directly: newer
+    torch wraps it as torch.nn.attention.varlen.varlen_attn, which older supported versions lack."""
     return torch.ops.aten._flash_attention_forward(
         q, k, v, bounds, bounds, longest, longest, 0.0, True, False, scale=scale
     )[0]
