@@ -14,7 +14,7 @@ thread) · core (Engine) · errors.
 from .config import BASE_NAME, EngineConfig
 from .core import Engine
 from .errors import Cancelled, EngineError, EngineFailure, InvalidParameter, PromptTooLong, UnknownModel
-from .request import Completion, Delta, Request, SamplingParams
+from .request import Completion, Delta, Request, SamplingParams, TokenLogprob
 
 __all__ = [
     "BASE_NAME",
@@ -29,5 +29,6 @@ __all__ = [
     "PromptTooLong",
     "Request",
     "SamplingParams",
+    "TokenLogprob",
     "UnknownModel",
 ]

@@ -123,7 +123,6 @@ class Engine:
     def make_request(self, prompt: str, params: SamplingParams, adapter: str | None = None) -> Request:
         """Check and tokenise one prompt (raises EngineError subclasses); submit it with submit/stream."""
         key = self.adapter_key(adapter)
-        params.check()
         ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
         if len(ids) >= self.max_context:
             raise PromptTooLong(len(ids), self.max_context)

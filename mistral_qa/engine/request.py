@@ -1,4 +1,4 @@
-"""What a caller asks for (SamplingParams), what it gets back (Completion, Delta), and the
+"""What a caller asks for (SamplingParams, from mistral_qa.sampling), what it gets back (Completion, Delta), and the
 per-request state the engine keeps while generating (Request)."""
 
 from __future__ import annotations
@@ -11,30 +11,20 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import InvalidParameter
+from ..sampling import SamplingParams
 from .textstream import TextStream
-
-MAX_STOP_STRINGS = 4
 
 
 @dataclass
-class SamplingParams:
-    max_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
-    stop: list[str] = field(default_factory=list)
-    seed: int | None = None
+class TokenLogprob:
+    """One generated token with its log-probability (under the distribution it was drawn from, after
+    penalties and grammar masks, before temperature/top_p/top_k), and the `top_logprobs` likeliest
+    alternatives at that position as (token id, text, logprob), likeliest first."""
 
-    def check(self) -> None:
-        """Raise InvalidParameter naming the first out-of-range field."""
-        if self.max_tokens < 1:
-            raise InvalidParameter("max_tokens", f"max_tokens must be at least 1, got {self.max_tokens}")
-        if not 0.0 <= self.temperature <= 2.0:
-            raise InvalidParameter("temperature", f"temperature must be between 0 and 2, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise InvalidParameter("top_p", f"top_p must be in (0, 1], got {self.top_p}")
-        if len(self.stop) > MAX_STOP_STRINGS or any(not s for s in self.stop):
-            raise InvalidParameter("stop", f"stop takes at most {MAX_STOP_STRINGS} non-empty strings")
+    token_id: int
+    token: str
+    logprob: float
+    top: list[tuple[int, str, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -44,6 +34,7 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None  # one per token_ids entry when params.logprobs
 
 
 @dataclass
@@ -53,6 +44,7 @@ class Delta:
     text: str
     completion: Completion | None = None
     error: BaseException | None = None
+    logprobs: list[TokenLogprob] | None = None  # tokens generated since the previous Delta (params.logprobs)
 
     @property
     def finished(self) -> bool:
