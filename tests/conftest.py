@@ -90,3 +90,28 @@ def serve_url(ray_session, tiny_adapter) -> str:
     ray_serve.run(build_app(args), name="mistral-qa", route_prefix="/")
     yield f"http://127.0.0.1:{SERVE_PORT}"
     ray_serve.delete("mistral-qa")
+
+
+@pytest.fixture(scope="session")
+def smollm2_adapter(ray_session, tmp_path_factory) -> Path:
+    """outputs/quickstart/adapter when `make quickstart` has made it, else a short quickstart-like run
+    (SmolLM2-135M-Instruct's real weights, 10 steps)."""
+    made = ROOT / "outputs" / "quickstart" / "adapter"
+    if (made / "adapter_config.json").is_file():
+        return made
+    from mistral_qa.config import TrainJobConfig
+    from mistral_qa.configio import load_config
+    from train.launch import run_training
+
+    tmp = tmp_path_factory.mktemp("quickstart")
+    overrides = [
+        f"run.output_dir={tmp / 'outputs'}",
+        f"run.storage_path={tmp / 'ray'}",
+        "run.name=quickstart-short",
+        "training.max_steps=10",
+        "training.eval_every=10",
+        "optim.warmup_steps=2",
+        "scaling.cpus_per_worker=1",
+    ]
+    cfg = load_config(TrainJobConfig, ROOT / "train" / "configs" / "quickstart.yaml", overrides)
+    return run_training(cfg) / "adapter"

@@ -1,0 +1,55 @@
+"""Merge a trained LoRA adapter into its base: a plain model folder for transformers, vLLM or TGI.
+
+    python -m train.export --adapter outputs/quickstart/adapter --out outputs/quickstart/merged
+    python -m train.export --adapter outputs/mistral7b-alpaca/adapter --out merged --push-to-hub me/mistral-qa
+
+The base is read from the adapter's training_config.yaml. The folder holds safetensors shards,
+config.json, generation_config.json, the tokenizer and mistral_qa_export.json (where it came from);
+`AutoModelForCausalLM.from_pretrained(folder)` loads it. --push-to-hub uploads it with the token in
+HF_TOKEN or the file named by HF_TOKEN_FILE (private by default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from mistral_qa.adapters import AdapterError
+from mistral_qa.export import DTYPES, ExportError, export_merged, push_to_hub
+from mistral_qa.model import ModelLoadError
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m train.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--adapter", required=True, help="outputs/<run>/adapter, a checkpoint folder, or s3:// / gs://")
+    parser.add_argument("--out", required=True, type=Path, help="folder to write (must be empty or absent)")
+    parser.add_argument("--dtype", default="float16", choices=list(DTYPES), help="weights' dtype (default float16)")
+    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    parser.add_argument("--push-to-hub", metavar="REPO", help="also upload to this hub repo (user/name)")
+    parser.add_argument("--public", action="store_true", help="with --push-to-hub: create the repo public")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        out = export_merged(
+            args.adapter, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size, overwrite=args.overwrite
+        )
+        print(f"merged model: {out}")
+        if args.push_to_hub:
+            print(f"pushed:       {push_to_hub(out, args.push_to_hub, private=not args.public)}")
+    except (ExportError, AdapterError, ModelLoadError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
