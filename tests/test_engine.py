@@ -8,9 +8,10 @@ import threading
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from mistral_qa.config import ModelConfig
-from mistral_qa.engine import Engine, EngineConfig, InvalidParameter, PromptTooLong, SamplingParams, UnknownModel
+from mistral_qa.engine import Engine, EngineConfig, PromptTooLong, SamplingParams, UnknownModel
 from mistral_qa.prompt import build_prompt
 
 TINY = ModelConfig(source="random", name="tiny-mistral")
@@ -184,12 +185,13 @@ def test_context_limit_ends_with_length():
 
 
 @pytest.mark.parametrize(
-    "params",
-    [SamplingParams(max_tokens=0), SamplingParams(temperature=-1), SamplingParams(top_p=0), SamplingParams(stop=[""])],
+    "fields",
+    [{"max_tokens": 0}, {"temperature": -1}, {"top_p": 0}, {"stop": [""]}, {"top_k": -2}, {"top_logprobs": 3}],
 )
-def test_bad_parameters_are_rejected(engine, params):
-    with pytest.raises(InvalidParameter):
-        engine.generate(["hi"], params)
+def test_bad_parameters_are_rejected(fields):
+    """SamplingParams validates on construction: a bad value never reaches the engine."""
+    with pytest.raises(ValidationError, match=next(iter(fields))):
+        SamplingParams(**fields)
 
 
 def test_unknown_adapter(engine):

@@ -14,7 +14,7 @@ from ..prompt import STOP_STRINGS
 from . import loading
 from .config import BASE_NAME, EngineConfig
 from .decoder import SlotDecoder
-from .errors import EngineError, EngineFailure, PromptTooLong, UnknownModel
+from .errors import EngineError, EngineFailure, InvalidParameter, PromptTooLong, UnknownModel
 from .request import Completion, Delta, Request, SamplingParams
 from .runner import StepRunner
 from .scheduler import Scheduler
@@ -124,6 +124,8 @@ class Engine:
         """Check and tokenise one prompt (raises EngineError subclasses); submit it with submit/stream."""
         key = self.adapter_key(adapter)
         ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        if not ids:  # e.g. "" with a tokenizer that adds no BOS: there is no token to continue from
+            raise InvalidParameter("prompt", "the prompt is empty: it has 0 tokens; give at least one")
         if len(ids) >= self.max_context:
             raise PromptTooLong(len(ids), self.max_context)
         text = TextStream(self._decoder, [*STOP_STRINGS, *params.stop])

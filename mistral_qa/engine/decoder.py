@@ -298,6 +298,9 @@ class SlotDecoder:
         prompt gets the same numbers whatever it is packed with.
         """
         lengths = [len(p) for p in prompts]
+        if not prompts or min(lengths) == 0:
+            # A 0-token prompt has no last token: its "last-token logits" would be the previous prompt's.
+            raise ValueError(f"prefill needs prompts of at least one token, got lengths {lengths}")
         total = sum(lengths)
         self.reserve(max(lengths))
         width = max(total, pad_tokens or 0)

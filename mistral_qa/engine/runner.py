@@ -22,7 +22,7 @@ from collections.abc import Iterable
 import torch
 
 from .decoder import SlotDecoder
-from .errors import Cancelled
+from .errors import Cancelled, InvalidParameter
 from .graphs import PREFILL_TOKENS, DecodeSteps, host_longs
 from .request import Delta, Request
 from .sampling import choose, next_tokens
@@ -153,6 +153,8 @@ class StepRunner:
             request = self.waiting.popleft()
             if request.cancelled:
                 request.on_delta(Delta("", error=Cancelled()))
+            elif not request.prompt_ids:  # make_request refuses these; a Request built by hand fails alone
+                request.on_delta(Delta("", error=InvalidParameter("prompt", "the prompt has 0 tokens")))
             else:
                 chosen.append(request)
         for chunk in prefill_chunks(chosen, self.steps.prefill_tokens):
