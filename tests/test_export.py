@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = ["Does phone use before bed hurt sleep?", "How should I hold my phone to protect my neck?"]
 
 
-def engine_answers(adapter: Path, max_tokens: int) -> list[list[int]]:
+def engine_answers(adapter: Path, max_tokens: int) -> list:
     from mistral_qa.engine import Engine, EngineConfig, SamplingParams
 
     engine = Engine(EngineConfig(adapters={"tuned": str(adapter)}, max_batch_size=4))
@@ -26,7 +26,7 @@ def engine_answers(adapter: Path, max_tokens: int) -> list[list[int]]:
         done = engine.generate([build_prompt(q) for q in QUESTIONS], SamplingParams(max_tokens=max_tokens), "tuned")
     finally:
         engine.close()
-    return [c.token_ids for c in done]
+    return done
 
 
 def exported_answers(folder: Path, max_tokens: int) -> list[list[int]]:
@@ -49,7 +49,10 @@ def check_export(adapter: Path, out: Path, max_tokens: int) -> None:
     assert {"config.json", "generation_config.json", "mistral_qa_export.json"} <= names
     assert any(n.endswith(".safetensors") for n in names) and not any(n.endswith(".bin") for n in names)
     assert "adapter_config.json" not in names  # merged: a plain model, no PEFT needed
-    assert exported_answers(out, max_tokens) == engine_answers(adapter, max_tokens)
+    for exported, engine in zip(exported_answers(out, max_tokens), engine_answers(adapter, max_tokens), strict=True):
+        # The engine also stops at the template's stop strings ("### Instruction"), which generate does not know.
+        assert exported[: len(engine.token_ids)] == engine.token_ids
+        assert len(engine.token_ids) == len(exported) or engine.finish_reason == "stop"
 
 
 def test_tiny_export_answers_as_the_engine_does(tiny_adapter, tmp_path):
