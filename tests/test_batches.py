@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from train.batches import TokenBudgetSchedule, budget_batches
+from train.batches import GroupedRowsSchedule, TokenBudgetSchedule, budget_batches, micro_batch_indices
 
 # Lengths shaped like the Alpaca demo rows: mostly short, a long tail up to 512.
 LENGTHS = [min(512, int(random.Random(i).lognormvariate(5.2, 0.5))) + 8 for i in range(1000)]
@@ -66,3 +66,21 @@ def test_greedy_cut_and_rows_longer_than_the_budget():
     assert budget_batches(lengths, [0, 1, 2, 3, 4], 60) == [[0, 1], [2, 3], [4]]
     with pytest.raises(ValueError, match="does not fit"):
         TokenBudgetSchedule(lengths, seed=0, budget=39)
+
+
+def test_grouped_rows_keep_the_reference_rows_per_step_with_little_padding():
+    """The reference schedule's fast mode: batch_size rows a step (only an epoch's last batch may be
+    short), every row once per epoch, and far less padding than the shuffled reference batches."""
+    schedule = GroupedRowsSchedule(LENGTHS, seed=3, batch_size=8)
+    for epoch in range(2):
+        batches = schedule.epoch(epoch)
+        assert sorted(i for b in batches for i in b) == list(range(len(LENGTHS)))
+        assert [len(b) for b in batches].count(8) >= len(batches) - 1  # 1000 rows: 125 full batches
+    shuffled = [micro_batch_indices(len(LENGTHS), 3, step, 0, 1, 8, 1, 0) for step in range(1, 126)]
+    real = sum(LENGTHS)
+    assert 1 - real / sum(padded(b) for b in schedule.epoch(0)) < 0.05
+    assert 1 - real / sum(padded(b) for b in shuffled) > 0.25
+    resumed = GroupedRowsSchedule(LENGTHS, seed=3, batch_size=8)
+    assert resumed.micro_batch_indices(40, 1, 2, 2, 1) == schedule.micro_batch_indices(40, 1, 2, 2, 1)
+    with pytest.raises(ValueError, match="batch_size"):
+        GroupedRowsSchedule(LENGTHS, seed=3, batch_size=0)

@@ -3,13 +3,17 @@
 `transformers.Trainer` + PEFT LoRA with the reference settings: fp16 mixed precision on CUDA (fp32
 on CPU), optim="paged_adamw_32bit", lr 2e-4 cosine, a fixed number of rows per batch padded to the
 longest row (DataCollatorForLanguageModeling: right padding, attention mask, pads labelled -100),
-no packing, no length grouping.
+no packing. With `grouped`, transformers' own length grouping (TrainingArguments
+train_sampling_strategy="group_by_length", transformers 5.x; `group_by_length=True` in 4.x):
+LengthGroupedSampler sorts megabatches of 50 batches by length and puts the longest batch first, so
+a batch size that does not fit runs out of memory at the first step.
 """
 
 from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -51,12 +55,13 @@ def _step_timer(device: torch.device):
     return StepTimer()
 
 
-def _arguments(output_dir: str, batch_size: int, max_steps: int, seed: int, device: torch.device):
+def _arguments(output_dir: str, batch_size: int, grouped: bool, max_steps: int, seed: int, device: torch.device):
     from transformers import TrainingArguments
 
     return TrainingArguments(
         output_dir=output_dir,
         per_device_train_batch_size=batch_size,
+        train_sampling_strategy="group_by_length" if grouped else "random",
         max_steps=max_steps,
         learning_rate=2e-4,
         lr_scheduler_type="cosine",
@@ -80,13 +85,14 @@ def run_trainer(
     items: list[dict],
     tokenizer,
     batch_size: int,
+    grouped: bool,
     warmup: int,
     steps: int,
     seed: int,
     device: torch.device,
-) -> tuple[float, list[tuple[list[int], int]]]:
-    """Train `warmup + steps` steps; returns the seconds of the last `steps` steps and, for each of them,
-    (row lengths, padded tokens) of its batch."""
+) -> tuple[list[float], list[tuple[list[int], int]]]:
+    """Train `warmup + steps` steps; returns the seconds of each of the last `steps` steps and, for each
+    of them, (row lengths, padded tokens) of its batch."""
     from transformers import DataCollatorForLanguageModeling, Trainer
 
     dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -95,8 +101,25 @@ def run_trainer(
     collator = CountingCollator(DataCollatorForLanguageModeling(tokenizer, mlm=False))
     timer = _step_timer(device)
     with tempfile.TemporaryDirectory() as out:
-        args = _arguments(out, batch_size, warmup + steps, seed, device)
+        args = _arguments(out, batch_size, grouped, warmup + steps, seed, device)
         trainer = Trainer(model=model, args=args, train_dataset=items, data_collator=collator, callbacks=[timer])
         trainer.train()
-    seconds = timer.ends[warmup + steps - 1] - timer.ends[warmup - 1]
-    return seconds, collator.batches[warmup : warmup + steps]
+    ends = timer.ends
+    step_seconds = [ends[i] - ends[i - 1] for i in range(warmup, warmup + steps)]
+    return step_seconds, collator.batches[warmup : warmup + steps]
+
+
+def largest_that_fits(sizes: Sequence[int], run: Callable[[int], object], cleanup: Callable[[], None]):
+    """Run `run(size)` for each size, largest first, until one does not run out of device memory.
+
+    Returns (size, its result, the sizes that ran out of memory). `cleanup` runs after each failure,
+    outside the except block, so the failed run's traceback (which holds its model) is gone by then.
+    """
+    out_of_memory = []
+    for size in sorted(sizes, reverse=True):
+        try:
+            return size, run(size), out_of_memory
+        except torch.OutOfMemoryError:
+            out_of_memory.append(size)
+        cleanup()
+    raise torch.OutOfMemoryError(f"no batch size of {sorted(sizes)} fits on the device")
