@@ -12,8 +12,8 @@ from safetensors.torch import load_file, save_file
 
 from mistral_qa.config import ModelConfig
 from mistral_qa.engine import Engine, EngineConfig, SamplingParams
-from mistral_qa.engine.decoder import check_supported
 from mistral_qa.engine.graphs import DecodeSteps
+from mistral_qa.engine.support import check_supported
 from mistral_qa.model import ModelLoadError
 from mistral_qa.prompt import build_prompt
 
@@ -158,5 +158,5 @@ def test_unsupported_architecture_is_refused():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100))
-    with pytest.raises(ModelLoadError, match="Llama/Mistral-family"):
+    with pytest.raises(ModelLoadError, match="does not run model_type .gpt2.; it runs llama, mistral"):
         check_supported(model)

@@ -96,3 +96,17 @@ def test_packed_prefill_equals_one_attention_call_per_prompt(engine, monkeypatch
     torch.testing.assert_close(packed, looped, atol=2e-2, rtol=0)
     assert torch.equal(packed.argmax(-1), looped.argmax(-1))
     assert torch.equal(packed[3], alone[0])
+
+
+def test_chunked_prefill_follows_whole_prefill(engine):
+    """A prompt prefilled in 32-token chunks (SDPA over the slot's cache with an offset causal mask)
+    ends with the same last-token logits, within fp16 rounding, as prefilling it whole."""
+    dec = engine._scheduler._runner.decoder
+    prompt = engine.tokenizer(PROMPTS[4])["input_ids"]
+    assert len(prompt) > 3 * 32
+    whole = dec.prefill([prompt], 0, [-1], pad_tokens=1024, pad_rows=64)
+    for start in range(0, len(prompt), 32):
+        chunked = dec.prefill_chunk(prompt[start : start + 32], 1, start, -1, pad_tokens=32, pad_rows=64)
+    torch.testing.assert_close(chunked, whole, atol=2e-2, rtol=0)
+    assert torch.equal(chunked.argmax(-1), whole.argmax(-1))
+    torch.testing.assert_close(dec.keys[0][1, :, : len(prompt)], dec.keys[0][0, :, : len(prompt)], atol=2e-2, rtol=0)

@@ -25,37 +25,13 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from ..model import ModelLoadError
 from .lora_rows import LoraRows
+from .support import check_supported
 
 PREFILL_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 DECODE_ATTENTION = ("sdpa", "flex")
 # Flex block mask: cache columns per KV block, and the size of its one query block (inductor's decoding
 # kernel needs a multiple of its 16-row tile there).
 FLEX_BLOCK = 128
-_LAYER_PARTS = ("input_layernorm", "post_attention_layernorm", "self_attn", "mlp")
-_ATTN_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj")
-_MLP_PARTS = ("gate_proj", "up_proj", "down_proj", "act_fn")
-
-
-def check_supported(model: nn.Module) -> None:
-    """Raise ModelLoadError unless `model` has the Llama/Mistral decoder layout the engine wires up."""
-    inner = getattr(model, "model", None)
-    problem = None
-    if inner is None or not all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
-        problem = "no model.{embed_tokens, layers, norm, rotary_emb}"
-    elif not hasattr(model, "lm_head"):
-        problem = "no lm_head"
-    else:
-        layer = inner.layers[0]
-        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-        if not all(hasattr(layer, a) for a in _LAYER_PARTS):
-            problem = f"decoder layers lack one of {_LAYER_PARTS}"
-        elif not all(hasattr(attn, a) for a in _ATTN_PARTS) or not all(hasattr(mlp, a) for a in _MLP_PARTS):
-            problem = "attention or MLP is not q/k/v/o + gate/up/down"
-        elif hasattr(attn, "q_norm") or hasattr(layer, "pre_feedforward_layernorm"):
-            problem = "extra norms inside the layers"
-    if problem:
-        kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
-        raise ModelLoadError(f"the engine runs Llama/Mistral-family models; {kind} does not fit ({problem})")
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -354,6 +330,59 @@ class SlotDecoder:
         h = self._layers(h, positions[:, None], token_adapter, attend)
         last = h[torch.tensor([s + n - 1 for s, n in zip(starts, lengths, strict=True)], device=self.device), 0]
         return self._logits(last, pad_rows)
+
+    @torch.inference_mode()
+    def prefill_chunk(
+        self,
+        ids: list[int],
+        slot: int,
+        start: int,
+        adapter: int,
+        pad_tokens: int | None = None,
+        pad_rows: int | None = None,
+    ) -> torch.Tensor:
+        """Prefill one chunk of a long prompt: its tokens start..start+len(ids)-1 go into cache slot
+        `slot` after the `start` tokens already there; returns the chunk's last-token logits [1, vocab].
+
+        The chunk attends causally to itself and to the cached tokens before it: SDPA over the slot's
+        first start+n columns with an offset causal mask (on CUDA too: one call per chunk per layer,
+        so no varlen kernel is needed). Chunk boundaries depend on the prompt alone, so a prompt gets
+        the same numbers whatever runs beside it.
+        """
+        n = len(ids)
+        if n == 0:
+            raise ValueError("prefill needs prompts of at least one token, got an empty chunk")
+        columns = start + n
+        self.reserve(columns)
+        width = max(n, pad_tokens or 0)
+        tokens = torch.zeros(width, dtype=torch.long)
+        tokens[:n] = torch.tensor(ids, dtype=torch.long)
+        positions = torch.zeros(width, dtype=torch.long)
+        positions[:n] = torch.arange(start, columns)
+        token_adapter = torch.full((width,), -1, dtype=torch.long)
+        token_adapter[:n] = adapter
+        tokens, positions, token_adapter = (t.to(self.device) for t in (tokens, positions, token_adapter))
+        visible = torch.arange(columns, device=self.device)[None, :] <= positions[:n, None]  # [n, columns]
+
+        def attend(layer: int, q, k, v):  # q: [width, heads, 1, dim]; k, v: [width, kv_heads, 1, dim]
+            keys, values = self.keys[layer], self.values[layer]
+            keys[slot, :, start:columns] = k[:n, :, 0].transpose(0, 1)
+            values[slot, :, start:columns] = v[:n, :, 0].transpose(0, 1)
+            o = F.scaled_dot_product_attention(
+                q[None, :n, :, 0].transpose(1, 2),
+                keys[slot : slot + 1, :, :columns],
+                values[slot : slot + 1, :, :columns],
+                attn_mask=visible,
+                scale=self.scale,
+                enable_gqa=True,
+            )[0].transpose(0, 1)  # [n, heads, dim]
+            if width > n:
+                o = torch.cat([o, o.new_zeros(width - n, self.heads, self.head_dim)])
+            return o.reshape(width, 1, -1)
+
+        h = self.inner.embed_tokens(tokens)[:, None, :]
+        h = self._layers(h, positions[:, None], token_adapter, attend)
+        return self._logits(h[n - 1 : n, 0], pad_rows)
 
     # -- decode ----------------------------------------------------------------------------------
 

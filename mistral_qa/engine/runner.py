@@ -1,6 +1,10 @@
-"""Continuous batching: one step = admit waiting requests (prefill, first token), then one decode
-step for every running sequence. Finished rows leave at once and their slots go to waiting
+"""Continuous batching: one step = one decode step for every running sequence, then admit waiting
+requests (prefill, first token). Finished rows leave at once and their slots go to waiting
 requests at the next step, so a long answer never holds up short ones.
+
+A prompt longer than prefill_tokens is prefilled in chunks of that size, one chunk per step, in the
+last cache slot (kept free for it); running rows get a decode step between its chunks, so one long
+prompt never stalls the others' streams. It joins the running rows with its last chunk.
 
 Running request i lives in cache slot i (slots 0..n-1 are always the running ones: a finished
 row's slot is refilled by moving the last row into it). Every row carries its own adapter index,
@@ -51,6 +55,8 @@ class StepRunner:
         self.eos_ids = eos_ids
         self.waiting: deque[Request] = deque()
         self.rows: list[Request] = []  # rows[i] is in cache slot i
+        self.partial: Request | None = None  # a long prompt being prefilled chunk by chunk, in the last slot
+        self.partial_done = 0  # its tokens in the cache so far
         self.in_flight: tuple[list[Request], torch.Tensor] | None = None  # a launched step: its rows, tokens
         self.stats = EngineStats()
 
@@ -59,7 +65,7 @@ class StepRunner:
         return len(self.rows)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.rows or self.in_flight)
+        return bool(self.waiting or self.rows or self.in_flight or self.partial)
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -148,19 +154,57 @@ class StepRunner:
         self._remove([i for i, row in enumerate(self.rows) if id(row) in ended])
 
     def _admit(self) -> None:
+        """Prefill waiting requests into free slots (short prompts in packs), and the next chunk of a
+        long prompt: one chunk per step, a long prompt at a time (the others wait their turn)."""
         chosen: list[Request] = []
-        while self.waiting and self.running + len(chosen) < self.max_batch_size:
+        passed: list[Request] = []  # long prompts waiting for the chunking slot
+        while self.waiting and self.running + len(chosen) + (self.partial is not None) < self.max_batch_size:
             request = self.waiting.popleft()
             if request.cancelled:
                 request.on_delta(Delta("", error=Cancelled()))
             elif not request.prompt_ids:  # make_request refuses these; a Request built by hand fails alone
                 request.on_delta(Delta("", error=InvalidParameter("prompt", "the prompt has 0 tokens")))
-            else:
+            elif request.prompt_tokens <= self.steps.prefill_tokens:
                 chosen.append(request)
+            elif self.partial is None:
+                self.partial, self.partial_done = request, 0
+            else:
+                passed.append(request)
+        self.waiting.extendleft(reversed(passed))
         for chunk in prefill_chunks(chosen, self.steps.prefill_tokens):
             started = time.perf_counter()
             self._prefill(chunk)
             self.stats.prefill(len(chunk), sum(r.prompt_tokens for r in chunk), time.perf_counter() - started)
+        if self.partial is not None:
+            self._prefill_next_chunk()
+
+    def _prefill_next_chunk(self) -> None:
+        """Prefill the long prompt's next chunk into the last slot; with its last chunk it takes its
+        first token and joins the running rows (moved to the next free slot)."""
+        request, start, slot = self.partial, self.partial_done, self.max_batch_size - 1
+        chunk = request.prompt_ids[start : start + self.steps.prefill_tokens]
+        last = start + len(chunk) == request.prompt_tokens
+        started = time.perf_counter()
+        try:
+            padding = self.steps.prefill_padding(len(chunk))
+            logits = self.decoder.prefill_chunk(chunk, slot, start, self._adapter(request), *padding)
+            token = next_tokens(logits, [request])[0] if last else None
+        except Exception as err:
+            self.partial = None
+            self._fail([request], err)
+            return
+        finally:
+            self.stats.prefill(int(last), len(chunk), time.perf_counter() - started)
+        self.partial_done = start + len(chunk)
+        if not last:
+            return
+        self.partial = None
+        target = len(self.rows)
+        if target != slot:
+            self.decoder.move(slot, target, request.prompt_tokens)
+        self.rows.append(request)
+        if self._emit(request, self._append(request, token)):
+            self._remove([target])
 
     def _prefill(self, requests: list[Request]) -> None:
         first = len(self.rows)
@@ -217,6 +261,9 @@ class StepRunner:
         return True
 
     def _drop_cancelled(self) -> None:
+        if self.partial is not None and self.partial.cancelled:
+            self.partial.on_delta(Delta("", error=Cancelled()))
+            self.partial = None
         gone = [i for i, row in enumerate(self.rows) if row.cancelled]
         for i in gone:
             self.rows[i].on_delta(Delta("", error=Cancelled()))
@@ -230,15 +277,16 @@ class StepRunner:
             row.on_delta(Delta("", error=err))
 
     def fail_all(self, err: Exception) -> None:
-        self._fail([*self.waiting, *self.rows], err)
+        self._fail([*self.waiting, *self.rows, *([self.partial] if self.partial else [])], err)
         self.waiting.clear()
         self.rows = []
+        self.partial = None
         self.in_flight = None
 
 
 def prefill_chunks(requests: list[Request], chunk_tokens: int) -> Iterable[list[Request]]:
-    """Consecutive runs of requests whose prompts together stay within chunk_tokens (a longer
-    prompt runs alone)."""
+    """Consecutive runs of requests whose prompts together stay within chunk_tokens (each prompt
+    is at most chunk_tokens long: longer ones are prefilled in chunks)."""
     chunk: list[Request] = []
     total = 0
     for request in requests:
