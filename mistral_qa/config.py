@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class StrictModel(BaseModel):
@@ -115,7 +115,12 @@ class ScalingSettings(StrictModel):
 
 
 class RunSettings(StrictModel):
-    name: str = Field("run", pattern=r"^[A-Za-z0-9._-]+$", description="Run name; re-running the same name resumes.")
+    name: str = Field(
+        "run",
+        pattern=r"^[A-Za-z0-9._-]+$",
+        description="Run name: one plain folder name (letters, digits, '.', '_', '-'; not '.' or '..'); "
+        "re-running the same name resumes.",
+    )
     storage_path: str = Field(
         "outputs/ray", description="Ray Train storage (local folder, s3:// or gs://) for checkpoints."
     )
@@ -125,6 +130,15 @@ class RunSettings(StrictModel):
     fail_at_step: int | None = Field(
         None, ge=1, description="Testing aid: rank 1 (or 0) raises once at this step of a fresh start."
     )
+
+    # The name becomes a folder under run.output_dir and run.storage_path: '.' and '..' would put the
+    # run's outputs in (or above) those folders themselves.
+    @field_validator("name")
+    @classmethod
+    def _plain_folder_name(cls, value: str) -> str:
+        if value in (".", ".."):
+            raise ValueError(f"{value!r} is not a folder name of its own; give a plain name such as 'my-run'")
+        return value
 
 
 class EngineSettings(StrictModel):

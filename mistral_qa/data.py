@@ -42,29 +42,57 @@ class DataReport:
         return f"{self.kept}/{self.total} rows kept; dropped {sum(self.dropped.values())} ({reasons})"
 
 
+@dataclass(frozen=True)
+class BadLine:
+    """A JSONL line that could not be read; clean_rows counts it under `reason`."""
+
+    reason: str  # "not_utf8" or "unreadable" (not JSON)
+
+
+def _read_jsonl(path: Path) -> list:
+    """One row per non-blank line; a line that is not UTF-8 or not JSON becomes a BadLine (counted later)."""
+    rows: list = []
+    with path.open("rb") as f:
+        for raw in f:
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                rows.append(BadLine("not_utf8"))
+                continue
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                rows.append(BadLine("unreadable"))
+    return rows
+
+
+def _read_json_array(path: Path) -> list:
+    """A .json file is one JSON document: it is read whole, so a bad byte fails it (saying where)."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataSourceError(
+            f"{path}: byte {err.start} ({data[err.start : err.start + 1]!r}) is not UTF-8; a .json file is read "
+            "whole, so fix it or convert the file to .jsonl (one row a line: bad lines are dropped and counted)"
+        ) from None
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataSourceError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(rows, list):
+        raise DataSourceError(f"{path} must hold a JSON list of rows")
+    return rows
+
+
 def _read_local(path: Path) -> list:
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
         return pq.read_table(path).to_pylist()
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise DataSourceError(f"{path} is not valid JSON: {err}") from None
-        if not isinstance(data, list):
-            raise DataSourceError(f"{path} must hold a JSON list of rows")
-        return data
-    rows: list = []
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            rows.append(None)  # counted as unreadable, not fatal
-    return rows
+    return _read_json_array(path) if path.suffix == ".json" else _read_jsonl(path)
 
 
 def _read_hub(dataset_id: str) -> list:
@@ -100,6 +128,8 @@ def read_rows(source: str) -> list:
 
 def check_row(row: object) -> str | None:
     """The reason a row is unusable, or None when it is a good Alpaca row."""
+    if isinstance(row, BadLine):
+        return row.reason
     if not isinstance(row, dict):
         return "unreadable"
     for key in ("instruction", "output"):

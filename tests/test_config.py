@@ -52,6 +52,10 @@ def test_overrides_are_parsed_as_yaml():
         ("lora.dropout=1.5", "lora.dropout"),
         ("optim.name=sgd", "optim.name"),
         ("run.name=has space", "run.name"),
+        ("run.name=..", "run.name"),
+        ("run.name=.", "run.name"),
+        ("run.name=a/b", "run.name"),
+        ("run.name=''", "run.name"),
         ("training.batch_size=many", "training.batch_size"),
     ],
 )

@@ -83,6 +83,19 @@ def test_bad_rows_are_counted_by_reason(tmp_path):
     assert len(kept) == 2 and report.dropped["unreadable"] == 1
 
 
+def test_a_non_utf8_line_is_dropped_and_counted_and_the_rest_is_read(tmp_path):
+    good = json.dumps({"instruction": "Q", "input": "", "output": "A"}).encode()
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(good + b"\n" + b'{"instruction": "bad \xff byte", "output": "A"}\n' + good + b"\n")
+    kept, report = clean_rows(read_rows(str(path)))
+    assert len(kept) == 2 and dict(report.dropped) == {"not_utf8": 1} and report.total == 3
+    array = tmp_path / "d.json"
+    array.write_bytes(b"[" + good + b', {"instruction": "\xff"}]')
+    offset = array.read_bytes().index(b"\xff")
+    with pytest.raises(DataSourceError, match=f"byte {offset} .* is not UTF-8"):
+        read_rows(str(array))
+
+
 def test_missing_sources_fail_clearly(tmp_path):
     with pytest.raises(DataSourceError, match="does not exist"):
         read_rows(str(tmp_path / "missing.jsonl"))
