@@ -93,3 +93,29 @@ def test_token_budget_run_restarts_from_checkpoint_with_identical_losses(ray_ses
     assert padding < 0.1, padding  # length-grouped (batch_size=4 rows pad about a quarter of the tokens)
     cfg = tiny_config(tmp_path, *budget_run, "run.name=budget-faulty", "run.fail_at_step=5", "run.max_failures=1")
     assert losses(run_training(cfg)) == losses(uninterrupted)
+
+
+def test_data_with_no_trainable_rows_fails_once_before_ray_starts(tmp_path):
+    """Every row longer than data.max_length: one error with the counts, no Ray, no retries."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    args = ["data.max_length=16", f"run.output_dir={tmp_path / 'out'}", f"run.storage_path={tmp_path / 'ray'}"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    result = subprocess.run(
+        [sys.executable, "-m", "train", "--config", "train/configs/tiny.yaml", *args],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 1, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "no training rows left" in errors[0], result.stderr[-2000:]
+    assert "over_max_length: 208" in errors[0] and "data.max_length=16" in errors[0]
+    assert "Traceback" not in result.stderr and "Ray instance" not in result.stderr
+    assert not (tmp_path / "ray").exists()

@@ -19,12 +19,12 @@ from ray.train.torch import TorchTrainer
 
 from mistral_qa.config import TrainJobConfig
 from mistral_qa.configio import dump_config
-from mistral_qa.data import DataSourceError, clean_rows, read_rows
 from mistral_qa.model import load_tokenizer
 from mistral_qa.prompt import TEMPLATE_NAME
 
 from .checkpoint import ADAPTER_DIR, read_history
 from .loop import train_loop_per_worker
+from .prepare import prepare_data
 from .report import plot_losses, write_metrics
 
 log = logging.getLogger("train")
@@ -50,12 +50,12 @@ def check_resources(cfg: TrainJobConfig) -> None:
         )
 
 
-def check_data(cfg: TrainJobConfig) -> None:
-    rows = read_rows(cfg.data.source)
-    good, report = clean_rows(rows[: cfg.data.max_rows] if cfg.data.max_rows else rows)
+def check_data(cfg: TrainJobConfig, tokenizer) -> None:
+    """Read, check, split and tokenise the data here as every worker will (the same prepare_data), so
+    a data problem fails once, before Ray Train starts: inside it, each restart (run.max_failures)
+    would fail the same way again."""
+    _, _, report = prepare_data(cfg.data, tokenizer)
     log.info("data %s: %s", cfg.data.source, report.summary())
-    if len(good) < 2:
-        raise DataSourceError(f"data.source {cfg.data.source!r} has too few usable rows: {report.summary()}")
 
 
 def with_absolute_paths(cfg: TrainJobConfig) -> TrainJobConfig:
@@ -109,7 +109,7 @@ def write_outputs(cfg: TrainJobConfig, checkpoint_dir: Path, tokenizer) -> Path:
 def run_training(cfg: TrainJobConfig) -> Path:
     """Run (or resume) the training described by cfg; returns the run's output folder."""
     tokenizer = load_tokenizer(cfg.model)  # fails fast (hub unreachable, missing package) before Ray work
-    check_data(cfg)
+    check_data(cfg, tokenizer)
     if not ray.is_initialized():
         ray.init()
     check_resources(cfg)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from mistral_qa.config import DataConfig
-from mistral_qa.data import DataReport, clean_rows, read_rows, split_rows, tokenize_rows
+from mistral_qa.data import DataReport, DataSourceError, clean_rows, read_rows, split_rows, tokenize_rows
 
 
 def prepare_data(cfg: DataConfig, tokenizer) -> tuple[list[dict], list[dict], DataReport]:
@@ -18,5 +18,9 @@ def prepare_data(cfg: DataConfig, tokenizer) -> tuple[list[dict], list[dict], Da
     report.dropped.update(eval_report.dropped)
     report.kept = len(train_items) + len(eval_items)
     if not train_items or not eval_items:
-        raise ValueError(f"no usable rows left for training or evaluation: {report.summary()}")
+        split = "training" if not train_items else "evaluation"
+        raise DataSourceError(
+            f"no {split} rows left in data.source {cfg.source!r}: {report.summary()}; "
+            f"over_max_length counts rows longer than data.max_length={cfg.max_length} tokens"
+        )
     return train_items, eval_items, report
