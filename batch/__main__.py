@@ -84,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(["", "batch summary", *summary.lines()]))
     if args.show:
         show_rows(cfg.output.path, args.show)
+    failure = summary.failure(cfg.output.max_failed_fraction)
+    if failure:
+        print(f"error: {failure}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -1,7 +1,8 @@
 """BatchJobConfig: what the batch Q&A job reads, how it generates, where it writes.
 
-Built from the shared ModelConfig plus sections of its own; every field has a one-line description
-and unknown keys are errors. `--input` / `--output` on the command line fill input.path / output.path.
+Built from the shared ModelConfig, the shared sampling schema (`generation`: bounds checked here, before
+Ray starts, exactly as the engine checks them) plus sections of its own; every field has a one-line
+description and unknown keys are errors. `--input` / `--output` on the command line fill input.path / output.path.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from mistral_qa.config import EngineSettings, ModelConfig, StrictModel
+from mistral_qa.sampling import SamplingSettings
 
 
 class InputSettings(StrictModel):
@@ -45,15 +47,17 @@ class OutputSettings(StrictModel):
     rows_per_file: int = Field(
         1000, ge=1, description="Rows gathered into each Parquet file (a killed job loses only rows not yet in a file)."
     )
-
-
-class GenerationSettings(StrictModel):
-    max_tokens: int = Field(256, ge=1, description="Most tokens generated per answer.")
-    temperature: float = Field(0.0, ge=0.0, description="Sampling temperature; 0 is greedy (reproducible).")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
-    seed: int | None = Field(None, description="Sampling seed (temperature > 0); None: not seeded.")
-    stop: list[str] = Field(
-        [], max_length=4, description="Extra stop strings (at most 4), on top of the prompt template's own."
+    retry_failed: bool = Field(
+        True,
+        description="resume: answer again the rows whose generation failed (generation_failed; they are taken "
+        "out of the output first); rows with bad input (unreadable, empty, too long, ...) stay as they are.",
+    )
+    max_failed_fraction: float = Field(
+        0.1,
+        ge=0.0,
+        le=1.0,
+        description="The job exits non-zero (3) when more than this fraction of the rows it answered failed in "
+        "generation (generation_failed); bad-input rows do not count.",
     )
 
 
@@ -96,7 +100,10 @@ class BatchJobConfig(StrictModel):
         default_factory=InputSettings, description="Where the questions are and how to read them."
     )
     output: OutputSettings = Field(default_factory=OutputSettings, description="Where the answers go.")
-    generation: GenerationSettings = Field(default_factory=GenerationSettings, description="Sampling parameters.")
+    generation: SamplingSettings = Field(
+        default_factory=SamplingSettings,
+        description="Sampling parameters: the shared schema (mistral_qa/sampling.py) the engine and Serve use.",
+    )
     engine: EngineSettings = Field(default_factory=EngineSettings, description="Generation engine in each actor.")
     compute: ComputeSettings = Field(
         default_factory=ComputeSettings, description="Ray Data actor pool and fault tolerance."

@@ -9,6 +9,7 @@ finds exactly the ids already answered.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections import Counter
@@ -21,6 +22,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from ray.data.block import BlockAccessor
 from ray.data.datasource import Datasink, WriteResult
+
+from mistral_qa.sampling import SamplingSettings
 
 from .io import resolve_filesystem
 
@@ -40,14 +43,27 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("temperature", pa.float64()),
         pa.field("top_p", pa.float64()),
         pa.field("seed", pa.int64()),
+        pa.field("top_k", pa.int64()),
+        pa.field("presence_penalty", pa.float64()),
+        pa.field("frequency_penalty", pa.float64()),
+        pa.field("stop", pa.list_(pa.string())),
+        pa.field("structured", pa.string()),
         pa.field("error", pa.string()),
     ]
 )
 TEMP_MARK = ".tmp-"
 
 
+def setting_columns(settings: SamplingSettings) -> dict:
+    """The output columns that record how a row was generated: every setting that changes the text;
+    `structured` as its JSON (null for free text)."""
+    values = settings.model_dump()
+    structured = values.pop("structured")
+    return {**values, "structured": None if structured is None else json.dumps(structured, sort_keys=True)}
+
+
 class OutputError(RuntimeError):
-    """The output folder cannot be used as asked (mode=error and it holds answers)."""
+    """The output folder cannot be used as asked (not writable, a file, or mode=error and it holds answers)."""
 
 
 def is_answer_file(name: str) -> bool:
@@ -83,6 +99,27 @@ def read_done_ids(uri: str) -> pa.Array:
     if not chunks:
         return pa.array([], pa.string())
     return pa.chunked_array([c for chunk in chunks for c in chunk.chunks], pa.string()).combine_chunks()
+
+
+def check_output(uri: str) -> None:
+    """Fail now, not after the answering, when the output cannot be written: it must be a folder (made
+    here if missing) that takes a new file. The probe goes through the filesystem the writes use, so
+    a local disk and s3:// / gs:// are checked alike."""
+    try:
+        fs, path = resolve_filesystem(uri)
+        if fs.get_file_info(path).type == pafs.FileType.File:
+            raise OutputError(f"output {uri!r} is a file; give a folder (output.path / --output)")
+        fs.create_dir(path, recursive=True)
+        probe = f"{path}/.write-probe-{uuid.uuid4().hex[:8]}"
+        with fs.open_output_stream(probe) as stream:
+            stream.write(b"probe")
+        fs.delete_file(probe)
+    except (OSError, pa.ArrowException, ValueError) as err:
+        raise OutputError(f"output {uri!r} is not writable: {_one_line(err)}") from None
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 def prepare_output(uri: str, mode: str) -> pa.Array:
@@ -159,12 +196,21 @@ class AnswerDatasink(Datasink[dict]):
             self.stats["errors"].update(item["errors"])
 
 
+def conform(table: pa.Table) -> pa.Table:
+    """`table` in OUTPUT_SCHEMA: files of earlier versions lack the newer setting columns (read as null)."""
+    columns = [
+        table.column(f.name) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
+        for f in OUTPUT_SCHEMA
+    ]
+    return pa.Table.from_arrays(columns, schema=OUTPUT_SCHEMA)
+
+
 def read_answers(uri: str, limit: int | None = None) -> pa.Table:
     """Answer rows from the output (the first `limit`, in file order); reads whole files only as needed."""
     fs, _ = resolve_filesystem(uri)
     tables, rows = [], 0
     for name in answer_files(uri):
-        table = pq.read_table(name, filesystem=fs)
+        table = conform(pq.read_table(name, filesystem=fs))
         tables.append(table)
         rows += table.num_rows
         if limit is not None and rows >= limit:

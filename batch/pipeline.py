@@ -23,7 +23,9 @@ from mistral_qa.prompt import build_prompt
 
 from .config import BatchJobConfig
 from .io import InputFiles, QuestionDatasource, check_question_column, list_inputs
-from .output import OUTPUT_SCHEMA, AnswerDatasink, prepare_output
+from .output import OUTPUT_SCHEMA, AnswerDatasink, check_output, prepare_output, setting_columns
+from .retry import drop_failed_rows
+from .watchdog import start_watchdog
 
 log = logging.getLogger("batch")
 ADAPTER_NAME = "batch"
@@ -54,12 +56,10 @@ def make_engine(cfg: BatchJobConfig):
 
 
 def sampling_params(cfg: BatchJobConfig):
+    """Every generation setting, as the engine takes them (the engine adds the template's own stop strings)."""
     from mistral_qa.engine import SamplingParams
 
-    gen = cfg.generation  # the engine adds the template's own stop strings to these
-    return SamplingParams(
-        max_tokens=gen.max_tokens, temperature=gen.temperature, top_p=gen.top_p, stop=list(gen.stop), seed=gen.seed
-    )
+    return SamplingParams(**cfg.generation.model_dump())
 
 
 def generate_with_retries(engine, prompts: list[str], params, adapter: str | None, retries: int) -> list:
@@ -112,14 +112,10 @@ class Answerer:
         self.retries = cfg.compute.batch_retries
         done = ray.get(done_ids) if isinstance(done_ids, ray.ObjectRef) else done_ids
         self.done = set(done.to_pylist())
-        gen = cfg.generation
         self.constants = {
             "model": self.engine.model_config.name,
             "adapter": cfg.adapter,
-            "max_tokens": gen.max_tokens,
-            "temperature": gen.temperature,
-            "top_p": gen.top_p,
-            "seed": gen.seed,
+            **setting_columns(cfg.generation),
         }
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -197,15 +193,32 @@ class Summary:
     output: str
     rows: int = 0  # answered in this run
     skipped: int = 0
+    retried: int = 0  # earlier generation_failed rows answered again
     files: int = 0
     completion_tokens: int = 0
     wall_s: float = 0.0
     errors: Counter = field(default_factory=Counter)
 
+    @property
+    def failed_fraction(self) -> float:
+        """generation_failed rows over the rows answered in this run (0 when none were)."""
+        return self.errors.get("generation_failed", 0) / self.rows if self.rows else 0.0
+
+    def failure(self, max_failed_fraction: float) -> str | None:
+        """Why the job counts as failed (too many generation_failed rows), or None."""
+        if self.failed_fraction <= max_failed_fraction:
+            return None
+        return (
+            f"{self.errors['generation_failed']} of {self.rows} rows failed in generation "
+            f"({self.failed_fraction:.0%}), more than output.max_failed_fraction={max_failed_fraction:g}; "
+            "their error column says why, and a rerun (output.mode=resume) retries them"
+        )
+
     def lines(self) -> list[str]:
         kinds = ", ".join(f"{k}: {v}" for k, v in sorted(self.errors.items()))
         return [
-            f"rows answered:   {self.rows} (skipped {self.skipped} already in the output)",
+            f"rows answered:   {self.rows} (skipped {self.skipped} already in the output; "
+            f"retried {self.retried} that had failed)",
             f"errors:          {sum(self.errors.values())}" + (f" ({kinds})" if kinds else ""),
             f"output tokens:   {self.completion_tokens} ({self.completion_tokens / max(self.wall_s, 1e-9):.1f} tokens/s)",
             f"wall time:       {self.wall_s:.1f} s",
@@ -290,6 +303,15 @@ def check_model(cfg: BatchJobConfig) -> None:
         load_tokenizer(model)
 
 
+def start_ray() -> None:
+    """Join the Ray of RAY_ADDRESS or `ray start`, else start a local one that ends with this driver,
+    however it ends (batch/watchdog.py)."""
+    if ray.is_initialized():
+        return
+    ray.init()
+    start_watchdog()
+
+
 def run_batch(cfg: BatchJobConfig, engine_factory: Callable | None = None) -> Summary:
     """Answer every question of cfg.input not yet in cfg.output; returns the summary."""
     start = time.perf_counter()
@@ -300,13 +322,16 @@ def run_batch(cfg: BatchJobConfig, engine_factory: Callable | None = None) -> Su
     check_question_column(files, cfg.input)
     if engine_factory is None:
         check_model(cfg)
+    check_output(cfg.output.path)
+    retried = 0
+    if cfg.output.mode == "resume" and cfg.output.retry_failed:
+        retried = drop_failed_rows(cfg.output.path)
     done = prepare_output(cfg.output.path, cfg.output.mode)
     log.info("input: %d files; output: %d rows already there", len(files.paths), len(done))
-    if not ray.is_initialized():
-        ray.init()
+    start_ray()
     check_resources(cfg)
     DataContext.get_current().max_errored_blocks = cfg.compute.max_errored_blocks
     sink = AnswerDatasink(cfg.output.path, cfg.output.rows_per_file)
     build_dataset(cfg, files, done, engine_factory).write_datasink(sink)
     wall_s = time.perf_counter() - start
-    return Summary(output=cfg.output.path, skipped=len(done), wall_s=wall_s, **sink.stats)
+    return Summary(output=cfg.output.path, skipped=len(done), retried=retried, wall_s=wall_s, **sink.stats)

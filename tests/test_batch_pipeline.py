@@ -218,6 +218,7 @@ def test_thousand_questions_give_one_row_each_with_the_fixed_schema(thousand):
     assert max(table.column("completion_tokens").to_pylist()) <= 8
     assert set(table.column("model").to_pylist()) == {"tiny-mistral"}
     assert set(table.column("adapter").to_pylist()) == {thousand.adapter}
+    assert set(table.column("top_k").to_pylist()) == {0} and set(map(tuple, table.column("stop").to_pylist())) == {()}
     summary = thousand.summary
     assert (summary.rows, summary.skipped, sum(summary.errors.values())) == (1000, 0, 0)
     assert summary.completion_tokens == sum(table.column("completion_tokens").to_pylist()) > 0

@@ -1,0 +1,99 @@
+"""The batch job's `generation:` section is the shared sampling schema: a bad setting fails at config
+validation (before Ray, naming the key), and every setting reaches the engine and the output columns."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import pyarrow as pa
+import pytest
+
+from batch.__main__ import main
+from batch.config import BatchJobConfig
+from batch.io import INPUT_SCHEMA
+from batch.output import OUTPUT_SCHEMA
+from batch.pipeline import Answerer, build_prompts
+from mistral_qa.configio import ConfigError, load_config
+from mistral_qa.engine.stats import EngineStats
+from mistral_qa.sampling import SamplingParams
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "batch" / "configs" / "tiny.yaml"
+SETTINGS = [
+    "generation.temperature=0.7",
+    "generation.top_k=5",
+    "generation.presence_penalty=0.5",
+    "generation.frequency_penalty=-0.25",
+    "generation.seed=11",
+    "generation.stop=[END]",
+    "generation.structured={type: json_object}",
+]
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("generation.temperature=3", "generation.temperature"),
+        ("generation.top_k=-2", "generation.top_k"),
+        ("generation.presence_penalty=2.5", "generation.presence_penalty"),
+        ("generation.structured={type: json_schema}", "generation.structured"),
+    ],
+)
+def test_a_setting_the_engine_refuses_fails_at_config_validation(tmp_path, capsys, override, key):
+    (tmp_path / "q.jsonl").write_text(json.dumps({"question": "Why?"}) + "\n")
+    paths = ["--input", str(tmp_path / "q.jsonl"), "--output", str(tmp_path / "out")]
+    assert main(["--config", str(TINY), *paths, override]) == 2  # 2: a config error, before Ray starts
+    assert key in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_yaml_configs_keep_their_generation_keys():
+    for path in sorted((ROOT / "batch" / "configs").glob("*.yaml")):
+        cfg = load_config(BatchJobConfig, path, [])
+        assert cfg.generation.temperature == 0.0 and cfg.generation.max_tokens >= 1, path
+    with pytest.raises(ConfigError, match="generation.max_tokenz: unknown key"):
+        load_config(BatchJobConfig, TINY, ["generation.max_tokenz=3"])
+
+
+@dataclass
+class Answer:
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class ParamsRecordingEngine:
+    """Answers every prompt with "{}" and keeps the SamplingParams it was given."""
+
+    max_context = 100
+    model_config = SimpleNamespace(name="recorder")
+
+    def __init__(self):
+        self.params: list[SamplingParams] = []
+
+    def count_tokens(self, text: str) -> int:
+        return len(text.split())
+
+    def stats(self, since=None) -> dict:
+        return EngineStats().snapshot()
+
+    def generate(self, prompts, params, adapter=None):
+        self.params.append(params)
+        return [Answer("{}", "stop", 3, 1) for _ in prompts]
+
+
+def test_every_setting_reaches_the_engine_and_the_output_columns():
+    cfg = load_config(BatchJobConfig, TINY, SETTINGS)
+    answerer = Answerer(cfg.model_dump(mode="json"), pa.array([], pa.string()), lambda _: ParamsRecordingEngine())
+    rows = [{"id": "a", "question": "Why?", "context": None, "error": None}]
+    out = answerer(build_prompts(pa.Table.from_pylist(rows, schema=INPUT_SCHEMA)))
+    assert answerer.engine.params == [SamplingParams(**cfg.generation.model_dump())]
+    assert out.schema.equals(OUTPUT_SCHEMA)
+    [row] = out.to_pylist()
+    expected = {"temperature": 0.7, "top_k": 5, "presence_penalty": 0.5, "frequency_penalty": -0.25, "seed": 11}
+    assert {k: row[k] for k in expected} == expected
+    assert row["stop"] == ["END"] and json.loads(row["structured"]) == {"type": "json_object", "json_schema": None}
