@@ -10,7 +10,6 @@ its engine with the loader passed through .bind(...), so tests and other callers
 
 # No `from __future__ import annotations` here: Serve's class-based FastAPI views read the route
 # signatures at runtime, and string annotations would turn `request: Request` into a query parameter.
-import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -26,10 +25,11 @@ from mistral_qa.configio import build_config
 from mistral_qa.engine import Engine, EngineConfig
 
 from .auth import check_bearer, load_api_key
+from .body import check_content_type, parse_json_object, read_body
 from .errors import OpenAIError, bad_request, install_handlers, validation_message
 from .metrics import RequestMetrics
 from .protocol import ChatCompletionRequest, CompletionRequest
-from .service import OpenAIService, ServeSettings
+from .service import OpenAIService, ServeSettings, engine_health
 
 log = logging.getLogger("serve")
 
@@ -50,27 +50,25 @@ class EngineLoader:
         return Engine(self.cfg)
 
 
-async def parse_body(request: Request, model: type[BaseModel]) -> BaseModel:
-    """The JSON body as `model`; malformed JSON and invalid fields are 400s with the field named."""
-    try:
-        data = json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise bad_request("the request body is not valid JSON") from None
-    if not isinstance(data, dict):
-        raise bad_request("the request body must be a JSON object")
+async def parse_body(request: Request, model: type[BaseModel], max_bytes: int) -> BaseModel:
+    """The JSON body as `model` (415, 413 and 400s from body.py; invalid fields are 400s naming the field)."""
+    check_content_type(request)
+    data = parse_json_object(await read_body(request, max_bytes))
     try:
         return model.model_validate(data)
     except ValidationError as err:
-        message, param = validation_message(err.errors())
-        raise bad_request(message, param=param) from None
+        message, param, code = validation_message(err.errors())
+        raise bad_request(message, param=param, code=code) from None
 
 
 @serve.deployment(
-    # The engine holds up to ServeSettings.max_pending requests and answers 429 beyond that; Serve's
-    # own limits sit above it, so its 503 (plain-text body) is only the last line of defence.
+    # The replica admits ServeSettings.max_pending (64) requests and answers 429 (an OpenAI JSON body)
+    # beyond that. max_ongoing_requests stays above max_pending, so a full replica still has room to
+    # answer those 429s at once, and Serve's own queue is unbounded (-1): Serve never sheds load
+    # itself, since its 503 would be a plain-text body. A queued request waits only for a free
+    # slot of the 16 spare, which a 429 frees in milliseconds.
     max_ongoing_requests=80,
-    max_queued_requests=128,
-    backpressure_config={"status_code": 503, "retry_after_s": 1},
+    max_queued_requests=-1,
     ray_actor_options={"num_cpus": 1},
     health_check_period_s=10,
     graceful_shutdown_timeout_s=30,
@@ -79,7 +77,8 @@ async def parse_body(request: Request, model: type[BaseModel]) -> BaseModel:
 class ChatServer:
     def __init__(self, load_engine: Callable[[], Engine], settings: ServeSettings):
         self.engine = load_engine()
-        self.metrics = RequestMetrics()
+        self.settings = settings
+        self.metrics = RequestMetrics(self.engine.model_names)
         self.service = OpenAIService(self.engine, settings, self.metrics)
         self.api_key = load_api_key()
         log.info("serving %s (API key %s)", self.engine.model_names, "required" if self.api_key else "off")
@@ -92,13 +91,21 @@ class ChatServer:
             self.metrics.error(endpoint, err.status)
             return err.response()
 
+    def check_health(self) -> None:
+        """Serve's health hook (every health_check_period_s): raising marks this replica unhealthy,
+        and Serve replaces it. Raises when the engine thread died or hangs."""
+        engine_health(self.engine)
+
     @api.get("/", include_in_schema=False)
     async def page(self) -> FileResponse:
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
     @api.get("/health")
     async def health(self) -> JSONResponse:
-        return JSONResponse(self.service.health())
+        try:
+            return JSONResponse(self.service.health())
+        except OpenAIError as err:
+            return err.response()
 
     @api.get("/v1/models")
     async def models(self, request: Request):
@@ -110,14 +117,16 @@ class ChatServer:
     @api.post("/v1/chat/completions")
     async def chat(self, request: Request):
         async def handler():
-            return await self.service.chat(await parse_body(request, ChatCompletionRequest))
+            body = await parse_body(request, ChatCompletionRequest, self.settings.max_body_bytes)
+            return await self.service.chat(body)
 
         return await self._answer(request, "chat", handler)
 
     @api.post("/v1/completions")
     async def completions(self, request: Request):
         async def handler():
-            return await self.service.completions(await parse_body(request, CompletionRequest))
+            body = await parse_body(request, CompletionRequest, self.settings.max_body_bytes)
+            return await self.service.completions(body)
 
         return await self._answer(request, "completions", handler)
 

@@ -52,16 +52,23 @@ def from_engine(err: EngineError) -> OpenAIError:
     return OpenAIError(500, str(err), type="server_error")
 
 
-def validation_message(errors: list) -> tuple[str, str | None]:
-    """A one-line message naming the first invalid field, and that field (OpenAI's `param`)."""
+def validation_message(errors: list) -> tuple[str, str | None, str | None]:
+    """A one-line message naming the first invalid field, that field (OpenAI's `param`), and a code."""
     first = errors[0] if errors else {}
     if first.get("type") == "json_invalid":
-        return "the request body is not valid JSON", None
+        return "the request body is not valid JSON", None, None
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     param = ".".join(loc) or None
     if first.get("type") == "missing":
-        return f"missing required parameter: {param}", param
-    return f"{param or 'body'}: {first.get('msg', 'invalid value')}", param
+        return f"missing required parameter: {param}", param, None
+    if first.get("type") == "extra_forbidden":
+        # As OpenAI answers an unknown field: it could change the answer, so it is not ignored.
+        return f"unrecognized request argument: {param}", param, "unrecognized_request_argument"
+    return f"{param or 'body'}: {first.get('msg', 'invalid value')}", param, None
+
+
+def unavailable(message: str) -> OpenAIError:
+    return OpenAIError(503, message, type="server_error", code="engine_unhealthy")
 
 
 def install_handlers(app: FastAPI) -> None:
@@ -71,8 +78,8 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, err: RequestValidationError) -> JSONResponse:
-        message, param = validation_message(err.errors())
-        return bad_request(message, param=param).response()
+        message, param, code = validation_message(err.errors())
+        return bad_request(message, param=param, code=code).response()
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, err: HTTPException) -> JSONResponse:

@@ -11,8 +11,13 @@ from ray.serve import metrics
 TTFT_BOUNDARIES = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
 
 
+UNKNOWN_MODEL = "unknown"  # the label of requests for a model this replica does not serve
+
+
 class RequestMetrics:
-    def __init__(self):
+    def __init__(self, model_names: list[str]):
+        # Labels come from this list only: a client's `model` string would make unbounded series.
+        self.model_names = set(model_names)
         self.requests = metrics.Counter(
             "mistral_qa_requests", description="Generation requests received.", tag_keys=("model", "endpoint")
         )
@@ -31,7 +36,8 @@ class RequestMetrics:
         self.pending = metrics.Gauge("mistral_qa_pending_requests", description="Requests in this replica's engine.")
 
     def request(self, model: str, endpoint: str) -> None:
-        self.requests.inc(tags={"model": model, "endpoint": endpoint})
+        label = model if model in self.model_names else UNKNOWN_MODEL
+        self.requests.inc(tags={"model": label, "endpoint": endpoint})
 
     def error(self, endpoint: str, status: int) -> None:
         self.errors.inc(tags={"endpoint": endpoint, "status": str(status)})

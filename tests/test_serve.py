@@ -181,9 +181,9 @@ def guarded_url(serve_url, tmp_path_factory):
     settings = load_settings(
         {"engine": {"model": {"source": "random", "name": "tiny-mistral"}, "max_batch_size": 1}, "max_pending": 2}
     )
+    # Serve's queue stays the deployment's default (unbounded): the replica's 429 is the only limit.
     app = ChatServer.options(
         max_ongoing_requests=6,
-        max_queued_requests=24,
         ray_actor_options={"num_cpus": 0.5, "runtime_env": {"env_vars": {"MISTRAL_QA_API_KEY_FILE": str(key_file)}}},
     ).bind(EngineLoader(settings.engine), settings)
     ray_serve.run(app, name="guarded", route_prefix="/guarded")
@@ -214,7 +214,8 @@ def test_saturated_replica_rejects_instead_of_queueing(guarded_url):
             )
         )
     statuses = [r.status_code for r in responses]
-    # The engine holds 2; Serve's queue (24) lets the rest reach the replica, which turns them away.
+    # The replica holds 2; Serve's unbounded queue lets the rest reach it, and it turns them away
+    # with 429 (JSON), never Serve's plain-text 503.
     assert set(statuses) == {200, 429} and statuses.count(200) <= 4, statuses
     for response in responses:
         if response.status_code == 429:
@@ -224,6 +225,29 @@ def test_saturated_replica_rejects_instead_of_queueing(guarded_url):
         f"{guarded_url}{CHAT}", json=chat_body(model="base", max_tokens=2), headers=headers, timeout=60
     )
     assert after.status_code == 200
+
+
+def test_a_burst_of_streams_never_gets_more_than_max_pending(guarded_url):
+    """Streams are counted from the moment they are accepted: 20 long streams at once, and only
+    max_pending (2) get a 200 while the first two are still generating (was up to 6: the count
+    started only once a stream began to run)."""
+    headers = {"Authorization": "Bearer s3cret-key"}
+    body = chat_body(model="base", max_tokens=2000, stream=True)
+
+    def open_stream(_):
+        return requests.post(f"{guarded_url}{CHAT}", json=body, headers=headers, stream=True, timeout=120)
+
+    with concurrent.futures.ThreadPoolExecutor(20) as pool:
+        responses = list(pool.map(open_stream, range(20)))
+    try:
+        statuses = [r.status_code for r in responses]
+        assert statuses.count(200) == 2 and statuses.count(429) == 18, statuses
+        for response in responses:
+            if response.status_code == 429:
+                assert response.json()["error"]["code"] == "rate_limit_exceeded"
+    finally:
+        for response in responses:
+            response.close()
 
 
 def replica_actors(app: str) -> list[dict]:

@@ -33,6 +33,20 @@ def test_config_file_is_a_valid_serve_config():
     assert settings.engine.adapters == {"mobile-health": "outputs/quickstart/adapter"}
 
 
+def test_serve_never_sheds_load_before_the_replica():
+    """Serve's own 503 is plain text; the replica's 429 is an OpenAI body. So Serve's queue is
+    unbounded and each replica takes more requests than it admits, leaving room to answer 429s."""
+    [app] = ServeDeploySchema.model_validate(yaml.safe_load(CONFIG.read_text())).applications
+    [deployment] = app.deployments
+    settings = build_config(ServeSettings, app.args)
+    for queued, ongoing in [
+        (deployment.max_queued_requests, deployment.max_ongoing_requests),
+        (ChatServer._deployment_config.max_queued_requests, ChatServer._deployment_config.max_ongoing_requests),
+    ]:
+        assert queued == -1
+        assert ongoing > settings.max_pending
+
+
 def fake_adapter(folder: Path) -> Path:
     folder.mkdir(parents=True)
     (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
