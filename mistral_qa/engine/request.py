@@ -8,11 +8,15 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..sampling import SamplingParams
 from .textstream import TextStream
+
+if TYPE_CHECKING:
+    from .grammar import RowGrammar
 
 
 @dataclass
@@ -58,12 +62,24 @@ class Request:
     touches it, except `cancel()`.
     """
 
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None, text: TextStream, device):
+    def __init__(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        adapter: str | None,
+        text: TextStream,
+        device,
+        grammar: RowGrammar | None = None,
+    ):
         self.prompt_ids = prompt_ids
         self.params = params
         self.adapter = adapter
         self.text = text
         self.token_ids: list[int] = []
+        self.grammar = grammar  # structured output: masks each step's logits (engine.grammar)
+        self.counts: torch.Tensor | None = None  # times each token was generated (penalties), on the device
+        self.logprobs: list[TokenLogprob] = []  # one per token when params.logprobs
+        self._logprobs_sent = 0
         self.on_delta: Callable[[Delta], None] = lambda delta: None
         self.created = time.monotonic()
         self.first_token_at: float | None = None  # set by the engine thread
@@ -86,6 +102,14 @@ class Request:
         """Stop generating for this request at the next step (the client went away)."""
         self._cancelled.set()
 
+    def new_logprobs(self) -> list[TokenLogprob] | None:
+        """The logprobs of tokens generated since the last call (for the next Delta); None if not asked."""
+        if not self.params.logprobs:
+            return None
+        new = self.logprobs[self._logprobs_sent :]
+        self._logprobs_sent = len(self.logprobs)
+        return new
+
     def completion(self, finish_reason: str) -> Completion:
         return Completion(
             text=self.text.text,
@@ -93,4 +117,5 @@ class Request:
             prompt_tokens=self.prompt_tokens,
             completion_tokens=len(self.token_ids),
             token_ids=list(self.token_ids),
+            logprobs=list(self.logprobs) if self.params.logprobs else None,
         )

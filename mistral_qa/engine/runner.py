@@ -13,7 +13,9 @@ so one decode step serves the base and any mix of adapters. Only the engine thre
 Decode runs one step ahead of the host: step N+1 is launched with step N's tokens while they are
 still on the GPU, and only then are step N's tokens read, appended and streamed, so the GPU never
 waits for the host between steps. A row that step N ends (EOS, a stop string, its length) has
-already been given to step N+1: that costs one wasted row-step, whose token is dropped.
+already been given to step N+1: that costs one wasted row-step, whose token is dropped. Rows with
+a grammar need step N's token on the host to build step N+1's mask: while one runs, each step is
+collected before the next is launched.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ import torch
 from .decoder import SlotDecoder
 from .errors import Cancelled, InvalidParameter
 from .graphs import PREFILL_TOKENS, DecodeSteps, host_longs
-from .request import Delta, Request
-from .sampling import choose, next_tokens
+from .request import Delta, Request, TokenLogprob
+from .sampling import Choice, HostLogprobs, choose, next_tokens
 from .stats import EngineStats
 
 log = logging.getLogger(__name__)
@@ -57,7 +59,7 @@ class StepRunner:
         self.rows: list[Request] = []  # rows[i] is in cache slot i
         self.partial: Request | None = None  # a long prompt being prefilled chunk by chunk, in the last slot
         self.partial_done = 0  # its tokens in the cache so far
-        self.in_flight: tuple[list[Request], torch.Tensor] | None = None  # a launched step: its rows, tokens
+        self.in_flight: tuple[list[Request], Choice] | None = None  # a launched step: its rows, tokens
         self.stats = EngineStats()
 
     @property
@@ -78,18 +80,22 @@ class StepRunner:
         started = time.perf_counter()
         self._drop_cancelled()
         previous, self.in_flight = self.in_flight, None
+        if previous is not None and any(r.grammar is not None for r in self.rows):
+            self._finish(previous)  # grammar masks need the previous token on the host: no running ahead
+            previous = None
         launching = time.perf_counter()
         self._launch(previous)
-        launched = time.perf_counter()
-        collected = self._collect(previous)
+        self.stats.launch_s += time.perf_counter() - launching
+        self._finish(previous)
+        self._admit()
+        self.stats.busy_s += time.perf_counter() - started
+
+    def _finish(self, launched: tuple[list[Request], Choice] | None) -> None:
+        """Collect a launched step and stream its text."""
+        collected = self._collect(launched)
         streaming = time.perf_counter()
         self._stream(collected)
-        streamed = time.perf_counter()
-        self._admit()
-        stats = self.stats
-        stats.launch_s += launched - launching
-        stats.text_s += streamed - streaming
-        stats.busy_s += time.perf_counter() - started
+        self.stats.text_s += time.perf_counter() - streaming
 
     @staticmethod
     def _cached(row: Request) -> int:
@@ -99,7 +105,7 @@ class StepRunner:
     def _adapter(self, row: Request) -> int:
         return self.adapter_index.get(row.adapter, -1)
 
-    def _launch(self, previous: tuple[list[Request], torch.Tensor] | None) -> None:
+    def _launch(self, previous: tuple[list[Request], Choice] | None) -> None:
         """Launch a decode step for every running row. A row in the `previous` step (not collected
         yet) is fed that step's token straight from the GPU, one position further on; a row admitted
         since is fed its first token. A row the previous step ends by length is clamped to the cache's
@@ -115,7 +121,7 @@ class StepRunner:
             ids = host_longs([r.token_ids[-1] for r in rows], device).to(device, non_blocking=True)
             if previous and any(j >= 0 for j in source):
                 index = host_longs(source, device).to(device, non_blocking=True)
-                ids = torch.where(index >= 0, previous[1][index.clamp(min=0)], ids)
+                ids = torch.where(index >= 0, previous[1].tokens[index.clamp(min=0)], ids)
             logits = self.steps(ids, positions, [self._adapter(r) for r in rows])
             tokens = choose(logits, rows)
         except Exception as err:  # a failed step fails its rows, never the engine
@@ -126,7 +132,7 @@ class StepRunner:
         longest = max(positions) + 1
         self.stats.decode_step(len(rows), self.steps.shape(len(rows), longest)[2], longest)
 
-    def _collect(self, launched: tuple[list[Request], torch.Tensor] | None) -> list[tuple[Request, str | None]]:
+    def _collect(self, launched: tuple[list[Request], Choice] | None) -> list[tuple[Request, str | None]]:
         """Read the tokens of a launched step; give each still-running row its token. Rows that EOS or
         a length limit ends leave now. Returns (row, finish reason or None)."""
         if launched is None:
@@ -134,7 +140,7 @@ class StepRunner:
         rows, tokens = launched
         waiting = time.perf_counter()
         try:
-            tokens = tokens.tolist()
+            tokens = tokens.read()
         except Exception as err:
             self._fail(self.rows, err)
             self.rows = []
@@ -143,7 +149,7 @@ class StepRunner:
         self.stats.gpu_wait_s += time.perf_counter() - waiting
         running = {id(r) for r in self.rows}
         collected = [
-            (row, self._append(row, token)) for row, token in zip(rows, tokens, strict=True) if id(row) in running
+            (row, self._append(row, *token)) for row, token in zip(rows, tokens, strict=True) if id(row) in running
         ]
         ended = {id(row) for row, finish in collected if finish is not None}
         self._remove([i for i, row in enumerate(self.rows) if id(row) in ended])
@@ -203,7 +209,7 @@ class StepRunner:
         if target != slot:
             self.decoder.move(slot, target, request.prompt_tokens)
         self.rows.append(request)
-        if self._emit(request, self._append(request, token)):
+        if self._emit(request, self._append(request, *token)):
             self._remove([target])
 
     def _prefill(self, requests: list[Request]) -> None:
@@ -224,7 +230,7 @@ class StepRunner:
         ended = [
             first + i
             for i, (r, t) in enumerate(zip(requests, tokens, strict=True))
-            if self._emit(r, self._append(r, t))
+            if self._emit(r, self._append(r, *t))
         ]
         self._remove(ended)
 
@@ -237,12 +243,19 @@ class StepRunner:
                 self.decoder.move(len(self.rows), i, min(self._cached(last) + 1, self.max_context))
                 self.rows[i] = last
 
-    def _append(self, row: Request, token: int) -> str | None:
-        """Record one token; the finish reason it brings (EOS, max_tokens, the context), if any."""
+    def _append(self, row: Request, token: int, logprobs: HostLogprobs | None = None) -> str | None:
+        """Record one token (and its logprobs); the finish reason it brings (EOS, a completed grammar,
+        max_tokens, the context), if any."""
         row.token_ids.append(token)
         if row.first_token_at is None:
             row.first_token_at = time.monotonic()
+        if logprobs is not None:
+            logprob, top = logprobs
+            piece = row.text.piece
+            row.logprobs.append(TokenLogprob(token, piece(token), logprob, [(i, piece(i), lp) for i, lp in top]))
         if token in self.eos_ids:
+            return "stop"
+        if row.grammar is not None and row.grammar.advance(token):
             return "stop"
         if len(row.token_ids) >= row.params.max_tokens or row.prompt_tokens + len(row.token_ids) >= self.max_context:
             return "length"
@@ -255,9 +268,10 @@ class StepRunner:
             finish = "stop"
         if finish is None:
             if piece:
-                row.on_delta(Delta(piece))
+                row.on_delta(Delta(piece, logprobs=row.new_logprobs()))
             return False
-        row.on_delta(Delta(piece + row.text.flush(), completion=row.completion(finish)))
+        text = piece + row.text.flush()
+        row.on_delta(Delta(text, completion=row.completion(finish), logprobs=row.new_logprobs()))
         return True
 
     def _drop_cancelled(self) -> None:

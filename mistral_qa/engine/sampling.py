@@ -1,34 +1,103 @@
 """Choose each row's next token: greedy rows take the argmax (as `generate` does), sampled rows
-draw from their own generator with their own temperature and top_p.
+draw from their own generator with their own temperature, top_k and top_p.
 
-`choose` leaves the tokens on the device without waiting for them, so the runner can feed them to
-the next decode step before it reads them; `next_tokens` reads them."""
+Before choosing, a row's logits get its presence/frequency penalties (OpenAI's definition, over the
+tokens of this answer: logit -= presence * (count > 0) + frequency * count; greedy rows too) and its
+grammar's mask; its logprobs are read from those logits (before temperature). Every adjustment is
+per row, so a row gets the same numbers whatever it is batched with; a batch where no row asks for
+any of them takes the plain path (one argmax), as cheap as before they existed.
+
+`choose` leaves everything on the device without waiting for it, so the runner can feed the tokens
+to the next decode step before it reads them (`Choice.read`). Penalty counts stay on the device too;
+only grammar masks need the host (the runner does not run ahead of grammar rows).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 
 from .request import Request
 
+# A row's logprob reading on the device: (chosen token's logprob, top logprobs, top token ids).
+_Logprobs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+# ...and on the host: (logprob, [(token id, logprob), ...] likeliest first).
+HostLogprobs = tuple[float, list[tuple[int, float]]]
 
-def choose(logits: torch.Tensor, rows: Sequence[Request]) -> torch.Tensor:
-    """logits: [rows, vocab] float32 for the last position of every row -> token ids [rows] (long),
-    on the logits' device, not synchronised."""
+
+@dataclass
+class Choice:
+    tokens: torch.Tensor  # [rows] long, on the logits' device
+    logprobs: dict[int, _Logprobs] = field(default_factory=dict)  # row index -> its reading
+
+    def read(self) -> list[tuple[int, HostLogprobs | None]]:
+        """(token, logprobs or None) per row, on the host (waits for the device)."""
+        tokens = self.tokens.tolist()
+        out: list[tuple[int, HostLogprobs | None]] = [(t, None) for t in tokens]
+        for i, (chosen, values, ids) in self.logprobs.items():
+            top = list(zip(ids.tolist(), values.tolist(), strict=True))
+            out[i] = (tokens[i], (chosen.item(), top))
+        return out
+
+
+def _adjusted(row: Request) -> bool:
+    p = row.params
+    return bool(p.presence_penalty or p.frequency_penalty or p.logprobs or row.grammar is not None)
+
+
+def choose(logits: torch.Tensor, rows: Sequence[Request]) -> Choice:
+    """logits: [rows, vocab] float32 for the last position of every row (changed in place where a
+    row has penalties or a grammar) -> the rows' tokens, on the device, not synchronised."""
+    adjusted = [i for i, row in enumerate(rows) if _adjusted(row)]
+    for i in adjusted:
+        penalise(logits[i], rows[i])
+        if rows[i].grammar is not None:
+            rows[i].grammar.mask(logits[i])
     chosen = logits.argmax(dim=-1)
     for i, row in enumerate(rows):
-        if row.params.temperature > 0:
-            chosen[i] = sample(logits[i], row.params.temperature, row.params.top_p, row.generator)
-    return chosen
+        p = row.params
+        if p.temperature > 0:
+            chosen[i] = sample(logits[i], p.temperature, p.top_p, p.top_k, row.generator)
+    choice = Choice(chosen)
+    for i in adjusted:
+        row = rows[i]
+        if row.params.logprobs:
+            choice.logprobs[i] = _read_logprobs(logits[i], chosen[i], row.params.top_logprobs)
+        if row.counts is not None:
+            row.counts.index_add_(0, chosen[i : i + 1], torch.ones(1, device=logits.device))
+    return choice
 
 
-def next_tokens(logits: torch.Tensor, rows: Sequence[Request]) -> list[int]:
-    return choose(logits, rows).tolist()
+def next_tokens(logits: torch.Tensor, rows: Sequence[Request]) -> list[tuple[int, HostLogprobs | None]]:
+    return choose(logits, rows).read()
 
 
-def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
-    """One token id drawn from softmax(logits / temperature) cut to its top_p head (a 0-d tensor)."""
+def penalise(logits: torch.Tensor, row: Request) -> None:
+    """Presence and frequency penalties over the tokens generated so far (row.counts, on the device)."""
+    p = row.params
+    if not (p.presence_penalty or p.frequency_penalty):
+        return
+    if row.counts is None:
+        row.counts = torch.zeros(logits.shape[-1], device=logits.device)
+    logits -= p.presence_penalty * (row.counts > 0) + p.frequency_penalty * row.counts
+
+
+def _read_logprobs(logits: torch.Tensor, token: torch.Tensor, top: int) -> _Logprobs:
+    logprobs = torch.log_softmax(logits, dim=-1)
+    values, ids = logprobs.topk(top) if top else (logprobs[:0], token.new_zeros(0))
+    return logprobs[token], values, ids
+
+
+def sample(
+    logits: torch.Tensor, temperature: float, top_p: float, top_k: int, generator: torch.Generator | None
+) -> torch.Tensor:
+    """One token id drawn from softmax(logits / temperature), cut to its top_k likeliest tokens (when
+    top_k > 0) and then to its top_p head (a 0-d tensor)."""
+    if 0 < top_k < logits.shape[-1]:
+        values, ids = logits.topk(top_k)
+        logits = torch.full_like(logits, float("-inf")).scatter_(0, ids, values)
     probs = torch.softmax(logits / temperature, dim=-1)
     if top_p >= 1.0:
         return torch.multinomial(probs, 1, generator=generator)[0]

@@ -18,6 +18,7 @@ def _decoder(tokenizer):
 
 class TextStream:
     def __init__(self, tokenizer, stop: Sequence[str]):
+        self._tokenizer = tokenizer
         self._decode = _decoder(tokenizer)
         self._stop = [s for s in stop if s]
         self._longest = max((len(s) for s in self._stop), default=0)
@@ -36,6 +37,10 @@ class TextStream:
             return ""
         self._prefix, self._read = self._read, len(token_ids)
         return now[len(before) :]
+
+    def piece(self, token_id: int) -> str:
+        """One token's text, decoded on its own (special tokens included): for logprobs."""
+        return self._tokenizer.decode([token_id], skip_special_tokens=False)
 
     def push(self, token_ids: list[int]) -> tuple[str, bool]:
         """Take all tokens so far; return (new text to show, whether a stop string ended the answer)."""
