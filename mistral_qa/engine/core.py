@@ -15,6 +15,7 @@ from . import loading
 from .config import BASE_NAME, EngineConfig
 from .decoder import SlotDecoder
 from .errors import EngineError, EngineFailure, InvalidParameter, PromptTooLong, UnknownModel
+from .grammar import Grammars
 from .request import Completion, Delta, Request, SamplingParams
 from .runner import StepRunner
 from .scheduler import Scheduler
@@ -72,6 +73,7 @@ class Engine:
         # The engine thread detokenises while callers tokenise; fast tokenizers are not safe to share
         # across threads ("Already borrowed"), so the engine thread gets its own copy.
         self._decoder = copy.deepcopy(self.tokenizer)
+        self._grammars = Grammars(self.tokenizer, loaded.model.config.vocab_size)
         try:
             self._warm_up()
         except Exception:
@@ -99,6 +101,12 @@ class Engine:
     def pending(self) -> int:
         """Requests submitted and not finished yet (running or waiting)."""
         return self._scheduler.pending
+
+    def check_health(self) -> None:
+        """Raise EngineFailure (saying why) if the engine thread has died, the engine is closed, or a
+        step has been running longer than scheduler.STEP_TIMEOUT_S (stuck); else return. Cheap: for
+        serving's periodic health check. (Compiling and first CUDA graphs happen in the constructor.)"""
+        self._scheduler.check_health()
 
     def stats(self, since: dict[str, float] | None = None) -> dict[str, float]:
         """The step loop's counters (mistral_qa.engine.stats) since the engine started, or since an
@@ -128,8 +136,9 @@ class Engine:
             raise InvalidParameter("prompt", "the prompt is empty: it has 0 tokens; give at least one")
         if len(ids) >= self.max_context:
             raise PromptTooLong(len(ids), self.max_context)
+        grammar = self._grammars.compile(params.structured) if params.structured else None
         text = TextStream(self._decoder, [*STOP_STRINGS, *params.stop])
-        return Request(ids, params, key, text, self._loaded.device)
+        return Request(ids, params, key, text, self._loaded.device, grammar)
 
     def submit(self, request: Request) -> None:
         """Queue a request; request.on_delta is called from the engine thread for every new piece."""
@@ -190,7 +199,8 @@ class Engine:
                 failed = next((p.error for p in pieces if p.error is not None), None)
                 if failed is not None:
                     raise failed if isinstance(failed, EngineError) else EngineFailure(failed)
-                yield Delta("".join(p.text for p in pieces), completion=pieces[-1].completion)
+                logprobs = None if pieces[-1].logprobs is None else [lp for p in pieces for lp in p.logprobs]
+                yield Delta("".join(p.text for p in pieces), completion=pieces[-1].completion, logprobs=logprobs)
                 if pieces[-1].completion is not None:
                     return
                 last_piece = loop.time()
