@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from batch.config import BatchJobConfig
 from batch.output import OUTPUT_SCHEMA, answer_files, read_answers
@@ -55,6 +56,7 @@ def errors_by_id(out: Path) -> dict[str, str]:
     return {r["id"]: (r["error"] or "").split(":")[0] for r in read_answers(str(out)).to_pylist()}
 
 
+@pytest.mark.slow  # two Ray Data jobs: ~30-60 s on 2 cores; the unit tests below stay in the default run
 def test_resume_retries_generation_failures_only_and_keeps_each_id_once(ray_session, tmp_path):
     import ray.cloudpickle
 

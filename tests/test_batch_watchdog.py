@@ -88,13 +88,16 @@ def test_a_sigkilled_batch_driver_leaves_no_ray_process(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray, as a user runs it
     with open(tmp_path / "job.log", "w") as log:
         driver = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    seen: dict[int, float] = {}
+    try:
         deadline = time.monotonic() + 300
         while not answer_files(str(out)) and driver.poll() is None and time.monotonic() < deadline:
             time.sleep(0.5)
         assert driver.poll() is None, (tmp_path / "job.log").read_text()[-3000:]
         seen = snapshot(driver.pid)
-        names = sorted(" ".join(p.cmdline())[:60] for p in alive(seen))
-        assert any("raylet" in n for n in names) and any("DashboardAgent" in n for n in names), names
+        names = sorted(f"{p.name()}: {' '.join(p.cmdline())[:40]}" for p in alive(seen))
+        assert any(n.startswith("raylet") for n in names) and any("DashboardAgent" in n for n in names), names
+    finally:
         driver.send_signal(signal.SIGKILL)  # the driver alone, not its process group
         driver.wait()
     assert wait_gone(seen, timeout=30) == [], names
