@@ -3,7 +3,8 @@
     python -m batch --config batch/configs/quickstart.yaml --show 5            # the project's questions, CPU
     python -m batch --config batch/configs/quickstart.yaml --input questions.jsonl --output answers/
     python -m batch --config batch/configs/mistral7b.yaml --input s3://bucket/questions/ --output s3://bucket/answers/
-    ray job submit --working-dir . -- python -m batch --config batch/configs/mistral7b.yaml --input ... --output ...
+    RAY_AUTH_MODE=token ray job submit --address http://HEAD:8265 --working-dir . --runtime-env cluster/runtime_env.yaml \
+        -- python -m batch --config batch/configs/mistral7b.yaml --input s3://... --output s3://...
 
 Overrides are `section.key=value` (YAML values), e.g. generation.max_tokens=64 compute.num_actors=4.
 Rerunning with the same output answers only the rows not already there (output.mode=resume).
