@@ -232,3 +232,16 @@ def test_output_modes(tmp_path):
         prepare_output(str(tmp_path), "error")
     assert prepare_output(str(tmp_path), "overwrite").to_pylist() == []
     assert answer_files(str(tmp_path)) == []
+
+
+def test_answer_files_of_the_earlier_schema_read_with_the_new_setting_columns_null(tmp_path):
+    """Files written before top_k, penalties, stop and structured were recorded still read (and mix)."""
+    sink = AnswerDatasink(str(tmp_path), rows_per_file=10)
+    sink.write([answer_table(["new"])], SimpleNamespace(task_idx=0))
+    new_columns = {"top_k", "presence_penalty", "frequency_penalty", "stop", "structured"}
+    old = answer_table(["old"])
+    pq.write_table(old.drop_columns(sorted(new_columns)), tmp_path / "part-0-old.parquet")
+    table = read_answers(str(tmp_path))
+    assert table.schema.equals(OUTPUT_SCHEMA) and sorted(table.column("id").to_pylist()) == ["new", "old"]
+    old_row = next(r for r in table.to_pylist() if r["id"] == "old")
+    assert all(old_row[c] is None for c in new_columns)
