@@ -10,7 +10,8 @@ import torch
 
 from mistral_qa.config import ModelConfig
 from mistral_qa.engine import Engine, EngineConfig, SamplingParams
-from mistral_qa.engine.decoder import FLEX_BLOCK, SlotDecoder, flex_mask
+from mistral_qa.engine.attention import FLEX_BLOCK, flex_mask
+from mistral_qa.engine.decoder import SlotDecoder
 from mistral_qa.engine.graphs import DecodeSteps
 from mistral_qa.model import load_base_model
 from mistral_qa.prompt import build_prompt

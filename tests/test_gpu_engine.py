@@ -110,3 +110,37 @@ def test_chunked_prefill_follows_whole_prefill(engine):
     torch.testing.assert_close(chunked, whole, atol=2e-2, rtol=0)
     assert torch.equal(chunked.argmax(-1), whole.argmax(-1))
     torch.testing.assert_close(dec.keys[0][1, :, : len(prompt)], dec.keys[0][0, :, : len(prompt)], atol=2e-2, rtol=0)
+
+
+def test_sampling_features_do_not_depend_on_the_batch(engine):
+    """Penalties (counts on the GPU) and logprobs: the same tokens and the same logprobs, to the bit,
+    alone and in a batch of eight (padded shapes make a row's numbers independent of its batch)."""
+    params = SamplingParams(max_tokens=24, logprobs=True, top_logprobs=3, frequency_penalty=0.5, presence_penalty=0.3)
+    together = engine.generate(PROMPTS[:8], params)
+    alone = [engine.generate([p], params)[0] for p in PROMPTS[:3]]
+    assert [c.token_ids for c in together[:3]] == [c.token_ids for c in alone]
+    assert [c.logprobs for c in together[:3]] == [c.logprobs for c in alone]
+
+
+def test_json_schema_rows_on_cuda(engine):
+    """Grammar masks move to the GPU each step and grammar rows do not run ahead: every answer is
+    JSON that validates, and free answers are the same before and after."""
+    import json
+
+    import jsonschema
+
+    from mistral_qa.sampling import StructuredOutput
+
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}},
+        "required": ["ok"],
+        "additionalProperties": False,
+    }
+    params = SamplingParams(max_tokens=32, structured=StructuredOutput(type="json_schema", json_schema=schema))
+    free = tokens(engine, PROMPTS[:4])
+    shaped = engine.generate(PROMPTS[:4], params)
+    for c in shaped:
+        assert c.finish_reason == "stop"
+        jsonschema.validate(json.loads(c.text), schema)
+    assert tokens(engine, PROMPTS[:4]) == free

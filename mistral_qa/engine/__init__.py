@@ -5,10 +5,11 @@
     [answer] = engine.generate([build_prompt("Does phone use before bed hurt sleep?")], SamplingParams())
 
 Layout: config (EngineConfig) · request (SamplingParams, Completion, Delta, Request) · loading
-(base + adapters) · decoder (the model's forward over a slot KV cache) · lora_rows (adapters
-per row) · graphs (decode steps, CUDA graphs) · sampling · textstream (detokenising, stop strings) ·
-runner (continuous batching steps) · stats (where the step loop's time goes) · scheduler (engine
-thread) · core (Engine) · errors.
+(base + adapters) · support (the model families it runs, by model_type) · decoder (the model's
+forward over a slot KV cache; packed and chunked prefill) · lora_rows (adapters per row) · graphs
+(decode steps, CUDA graphs) · sampling (penalties, top_k/top_p, logprobs) · grammar (structured
+output) · textstream (detokenising, stop strings) · runner (continuous batching steps) · stats
+(where the step loop's time goes) · scheduler (engine thread, health) · core (Engine) · errors.
 """
 
 from .config import BASE_NAME, EngineConfig
