@@ -75,8 +75,8 @@ class StepRunner:
     @torch.inference_mode()
     def step(self) -> None:
         """Launch the next decode step, then collect the one before it and stream its tokens' text
-        while the GPU computes; then admit waiting requests. Timed into self.stats (the GPU wait in
-        _collect, prefill in _admit)."""
+        while the GPU computes (with a grammar row running: collect first, then launch); then admit
+        waiting requests. Timed into self.stats (the GPU wait in _collect, prefill in _admit)."""
         started = time.perf_counter()
         self._drop_cancelled()
         previous, self.in_flight = self.in_flight, None
