@@ -29,7 +29,7 @@ from .body import check_content_type, parse_json_object, read_body
 from .errors import OpenAIError, bad_request, install_handlers, validation_message
 from .metrics import RequestMetrics
 from .protocol import ChatCompletionRequest, CompletionRequest
-from .service import OpenAIService, ServeSettings, engine_health
+from .service import OpenAIService, ServeSettings
 
 log = logging.getLogger("serve")
 
@@ -94,7 +94,7 @@ class ChatServer:
     def check_health(self) -> None:
         """Serve's health hook (every health_check_period_s): raising marks this replica unhealthy,
         and Serve replaces it. Raises when the engine thread died or hangs."""
-        engine_health(self.engine)
+        self.engine.check_health()
 
     @api.get("/", include_in_schema=False)
     async def page(self) -> FileResponse:

@@ -116,14 +116,6 @@ def longest_token_chars(tokenizer) -> int:
     return max(len(token) for token in tokenizer.get_vocab())
 
 
-def engine_health(engine: Engine) -> None:
-    """Raise EngineFailure when the engine thread died or hangs (Engine.check_health).
-    Engines without that check (before the engine work adding it lands) count as healthy."""
-    check = getattr(engine, "check_health", None)
-    if check is not None:
-        check()
-
-
 class Admission:
     """One request counted against max_pending from the moment it is accepted until it ends."""
 
@@ -161,7 +153,7 @@ class OpenAIService:
     def check_health(self) -> None:
         """A 503 when the engine cannot answer (its thread died or hangs)."""
         try:
-            engine_health(self.engine)
+            self.engine.check_health()
         except EngineFailure as err:
             raise unavailable(f"this replica's engine is unhealthy: {err}") from None
 

@@ -6,14 +6,18 @@ KILL_WORD makes the step loop raise SystemExit, which the engine thread does not
 
 from __future__ import annotations
 
+import sys
 import time
 
 import pytest
 import requests
+from ray import cloudpickle
 
 from serve.app import EngineLoader
 
 KILL_WORD = "kill-the-engine-thread"
+# Replicas cannot import this test module: its loader travels by value.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 class BreakableEngineLoader(EngineLoader):
