@@ -3,7 +3,7 @@ Ray 2.60's token auth, the batch job's CPU block, and `serve run serve/config.ya
 
 Each runs in bash in a fresh copy of the checkout (tracked and untracked files, no outputs), with the
 venv first on PATH, a HOME of its own that holds a Ray auth token (as ray.init() leaves one behind),
-and a marker variable in its environment: every process it starts inherits the marker, and the test
+a Ray temp root of its own (RAY_TMPDIR), and a marker variable in its environment: every process it starts inherits the marker, and the test
 ends exactly those afterwards (never `ray stop`, which would end every Ray on the machine).
 """
 
@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 import uuid
@@ -73,10 +74,16 @@ def sandbox(tmp_path):
     # auth on, and a CLI without RAY_AUTH_MODE=token fails against it (the case the README must handle).
     (home / ".ray").mkdir(parents=True)
     (home / ".ray" / "auth_token").write_text(uuid.uuid4().hex + uuid.uuid4().hex)
+    # Ray's temp root of its own: `ray start` records its cluster in <temp>/ray/ray_current_cluster,
+    # which every later plain ray.init() on the machine would try to join once the cluster is gone.
+    # Short (Unix socket paths inside it are limited to ~107 bytes).
+    ray_tmp = tempfile.mkdtemp(prefix="rq-", dir="/tmp")
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(HOME=str(home), PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}", **{MARKER: marker})
+    env.update(HOME=str(home), PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}", RAY_TMPDIR=ray_tmp)
+    env[MARKER] = marker
     yield checkout_copy(tmp_path / "repo"), env
     end_marked(marker)
+    shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def end_marked(marker: str) -> None:
