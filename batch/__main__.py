@@ -7,7 +7,10 @@
         -- python -m batch --config batch/configs/mistral7b.yaml --input s3://... --output s3://...
 
 Overrides are `section.key=value` (YAML values), e.g. generation.max_tokens=64 compute.num_actors=4.
-Rerunning with the same output answers only the rows not already there (output.mode=resume).
+Rerunning with the same output answers only the rows not already there (output.mode=resume), and
+again the rows whose generation failed (output.retry_failed).
+Exit status: 0 done; 2 bad config; 1 input, output, model or cluster unusable (found before answering);
+3 more than output.max_failed_fraction of the rows failed in generation (the summary says which kinds).
 """
 
 from __future__ import annotations
