@@ -72,6 +72,9 @@ def test_a_live_serve_app_exports_the_chatbot_series(serve_url, ray_session):
 
     reply = requests.post(f"{serve_url}/v1/completions", json={"model": "base", "prompt": "Hi", "max_tokens": 2})
     assert reply.status_code == 200, reply.text
+    # a client's made-up model name is counted under one label, never as a series of its own
+    bogus = requests.post(f"{serve_url}/v1/completions", json={"model": "made-up-1234", "prompt": "Hi"})
+    assert bogus.status_code == 404, bogus.text
     port = ray_session.nodes()[0]["MetricsExportPort"]
     wanted = {s for s in dashboard_series() if s.startswith("ray_mistral_qa_")}
     deadline, missing = time.monotonic() + 90, wanted
@@ -80,3 +83,8 @@ def test_a_live_serve_app_exports_the_chatbot_series(serve_url, ray_session):
         missing = {s for s in wanted if not re.search(rf"^{s}[{{ ]", text, re.M)}
         time.sleep(3)
     assert not missing, sorted(missing)
+    deadline = time.monotonic() + 60
+    while 'model="unknown"' not in text and time.monotonic() < deadline:
+        time.sleep(3)
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    assert 'model="unknown"' in text and "made-up-1234" not in text
