@@ -97,3 +97,32 @@ def test_every_setting_reaches_the_engine_and_the_output_columns():
     expected = {"temperature": 0.7, "top_k": 5, "presence_penalty": 0.5, "frequency_penalty": -0.25, "seed": 11}
     assert {k: row[k] for k in expected} == expected
     assert row["stop"] == ["END"] and json.loads(row["structured"]) == {"type": "json_object", "json_schema": None}
+
+
+BOOLEAN_SCHEMA = {
+    "type": "object",
+    "properties": {"ok": {"type": "boolean"}},
+    "required": ["ok"],
+    "additionalProperties": False,
+}
+
+
+@pytest.mark.slow  # a Ray Data job (~20-40 s on 2 cores)
+def test_structured_output_works_end_to_end_in_the_batch_job(ray_session, tmp_path, capsys):
+    """generation.structured reaches the engine's grammar: every answer of the tiny random model is JSON
+    that matches the schema, and the output records the schema."""
+    import jsonschema
+
+    from batch.output import read_answers
+
+    with (tmp_path / "q.jsonl").open("w") as f:
+        for i in range(6):
+            f.write(json.dumps({"id": f"q{i}", "question": f"Is screen time {i} fine?"}) + "\n")
+    schema = json.dumps({"type": "json_schema", "json_schema": BOOLEAN_SCHEMA})
+    paths = ["--input", str(tmp_path / "q.jsonl"), "--output", str(tmp_path / "out")]
+    assert main(["--config", str(TINY), *paths, "generation.max_tokens=32", f"generation.structured={schema}"]) == 0
+    rows = read_answers(str(tmp_path / "out")).to_pylist()
+    assert len(rows) == 6 and all(r["error"] is None and r["finish_reason"] == "stop" for r in rows), rows
+    for row in rows:
+        jsonschema.validate(json.loads(row["answer"]), BOOLEAN_SCHEMA)
+        assert json.loads(row["structured"]) == json.loads(schema)
