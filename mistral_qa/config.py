@@ -83,6 +83,11 @@ class TrainingConfig(StrictModel):
         description="Length-grouped training micro-batches of at most this many padded tokens (rows x longest) "
         "per worker, instead of batch_size rows; None: batch_size rows.",
     )
+    group_by_length: bool = Field(
+        False,
+        description="batch_size rows per micro-batch as usual, but length-grouped within megabatches (as "
+        "transformers' group_by_length): the reference's rows per step with little padding. Not with batch_tokens.",
+    )
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimiser step.")
     eval_every: int = Field(100, ge=1, description="Evaluate and checkpoint every N steps (and at the end).")
     eval_batches: int | None = Field(
@@ -162,8 +167,9 @@ class EngineSettings(StrictModel):
         1024,
         ge=16,
         description="Prompts are prefilled packed, up to this many tokens a forward (on CUDA padded to exactly "
-        "this many, so an answer does not depend on its batch-mates; longer prompts run alone). Smaller: a lone "
-        "prompt's first token comes sooner; larger: fewer forwards when many prompts arrive together.",
+        "this many, so an answer does not depend on its batch-mates); a longer prompt is prefilled in chunks of "
+        "this many tokens, one a step, with running streams decoding between chunks. Smaller: a lone prompt's first "
+        "token comes sooner and long prompts stall others less; larger: fewer forwards when many prompts arrive.",
     )
     decode_attention: Literal["auto", "sdpa", "flex"] = Field(
         "auto",
@@ -194,6 +200,8 @@ class TrainJobConfig(StrictModel):
             )
         if self.training.batch_tokens is not None and self.training.batch_tokens < self.data.max_length:
             raise ValueError("training.batch_tokens must be at least data.max_length, so that every row fits")
+        if self.training.group_by_length and self.training.batch_tokens is not None:
+            raise ValueError("training.group_by_length and training.batch_tokens are two batch layouts; set one")
         if self.training.compile and self.training.deepspeed is not None:
             raise ValueError("training.compile is not supported with training.deepspeed (untested); use DDP")
         if self.optim.warmup_steps >= self.training.max_steps:

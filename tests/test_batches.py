@@ -84,3 +84,18 @@ def test_grouped_rows_keep_the_reference_rows_per_step_with_little_padding():
     assert resumed.micro_batch_indices(40, 1, 2, 2, 1) == schedule.micro_batch_indices(40, 1, 2, 2, 1)
     with pytest.raises(ValueError, match="batch_size"):
         GroupedRowsSchedule(LENGTHS, seed=3, batch_size=0)
+
+
+def test_the_loop_picks_the_layout_the_config_names():
+    from mistral_qa.config import TrainJobConfig
+    from mistral_qa.configio import load_config
+    from train.loop import batch_schedule
+
+    def layout(*overrides):
+        return batch_schedule(load_config(TrainJobConfig, None, list(overrides)).training, LENGTHS)
+
+    assert layout() is None  # the reference: batch_size rows in shuffled order
+    grouped = layout("training.group_by_length=true", "training.batch_size=4")
+    assert isinstance(grouped, GroupedRowsSchedule)
+    assert all(len(grouped.micro_batch_indices(step, 0, 1, 2, rank)) == 4 for step in range(1, 50) for rank in (0, 1))
+    assert isinstance(layout("training.batch_tokens=4096", "data.max_length=512"), TokenBudgetSchedule)

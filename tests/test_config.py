@@ -77,6 +77,8 @@ def test_bad_combinations_are_rejected():
         load_config(TrainJobConfig, None, ["data.max_length=512", "training.batch_tokens=500"])
     with pytest.raises(ConfigError, match="compile is not supported with training.deepspeed"):
         load_config(TrainJobConfig, None, ["training.compile=true", "training.deepspeed={stage: 2}"])
+    with pytest.raises(ConfigError, match="two batch layouts"):
+        load_config(TrainJobConfig, None, ["training.group_by_length=true", "training.batch_tokens=4096"])
 
 
 def test_missing_file_is_a_clear_error():

@@ -23,7 +23,7 @@ from mistral_qa.config import TrainJobConfig
 from mistral_qa.model import load_tokenizer
 
 from . import deepspeed_setup as ds
-from .batches import TokenBudgetSchedule, micro_batch_indices, step_seed
+from .batches import GroupedRowsSchedule, TokenBudgetSchedule, micro_batch_indices, step_seed
 from .checkpoint import load_state, save_state
 from .optim import build_optimizer, build_scheduler
 from .prepare import prepare_data
@@ -31,6 +31,16 @@ from .report import progress_line
 from .step import autocast, backward, build_trainable, make_batch, optimizer_step, peak_memory_gib
 
 log = logging.getLogger("train")
+
+
+def batch_schedule(training, lengths: list[int]):
+    """The length-grouped batch layout of training.batch_tokens / training.group_by_length, or None
+    for batch_size rows in shuffled order (micro_batch_indices)."""
+    if training.batch_tokens:
+        return TokenBudgetSchedule(lengths, training.seed, training.batch_tokens)
+    if training.group_by_length:
+        return GroupedRowsSchedule(lengths, training.seed, training.batch_size)
+    return None
 
 
 class InjectedFailure(RuntimeError):
@@ -65,10 +75,7 @@ class Worker:
         self.train_items, self.eval_items, report = prepare_data(cfg.data, self.tokenizer)
         if self.rank == 0:
             log.info("data: %s", report.summary())
-        self.schedule = None
-        if cfg.training.batch_tokens:
-            lengths = [len(x["input_ids"]) for x in self.train_items]
-            self.schedule = TokenBudgetSchedule(lengths, cfg.training.seed, cfg.training.batch_tokens)
+        self.schedule = batch_schedule(cfg.training, [len(x["input_ids"]) for x in self.train_items])
         self.deepspeed = cfg.training.deepspeed is not None
         self.model = self._build_model()
         params = [p for p in self.model.parameters() if p.requires_grad]
