@@ -18,33 +18,9 @@ SLEEP_WORDS = ("sleep", "screen", "phone", "bed")
 
 
 @pytest.fixture(scope="module")
-def quickstart_adapter(ray_session, tmp_path_factory) -> Path:
-    """outputs/quickstart/adapter when `make quickstart` has made it, else a short quickstart-like run."""
-    made = ROOT / "outputs" / "quickstart" / "adapter"
-    if (made / "adapter_config.json").is_file():
-        return made
-    from mistral_qa.config import TrainJobConfig
-    from mistral_qa.configio import load_config
-    from train.launch import run_training
-
-    tmp = tmp_path_factory.mktemp("quickstart")
-    overrides = [
-        f"run.output_dir={tmp / 'outputs'}",
-        f"run.storage_path={tmp / 'ray'}",
-        "run.name=quickstart-short",
-        "training.max_steps=10",
-        "training.eval_every=10",
-        "optim.warmup_steps=2",
-        "scaling.cpus_per_worker=1",
-    ]
-    cfg = load_config(TrainJobConfig, ROOT / "train" / "configs" / "quickstart.yaml", overrides)
-    return run_training(cfg) / "adapter"
-
-
-@pytest.fixture(scope="module")
-def served(quickstart_adapter):
+def served(smollm2_adapter):
     env = {**os.environ, "RAY_ADDRESS": "local", "MISTRAL_QA_API_KEY": "test-key"}
-    command = [sys.executable, "-m", "serve", "--adapter", str(quickstart_adapter), "--port", str(PORT)]
+    command = [sys.executable, "-m", "serve", "--adapter", str(smollm2_adapter), "--port", str(PORT)]
     proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     ready = threading.Event()
