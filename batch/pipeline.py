@@ -19,13 +19,13 @@ import pyarrow as pa
 import ray
 from ray.data import ActorPoolStrategy, DataContext
 
+from mistral_qa.local_ray import start_ray
 from mistral_qa.prompt import build_prompt
 
 from .config import BatchJobConfig
 from .io import InputFiles, QuestionDatasource, check_question_column, list_inputs
 from .output import OUTPUT_SCHEMA, AnswerDatasink, check_output, prepare_output, setting_columns
 from .retry import drop_failed_rows
-from .watchdog import start_watchdog
 
 log = logging.getLogger("batch")
 ADAPTER_NAME = "batch"
@@ -301,15 +301,6 @@ def check_model(cfg: BatchJobConfig) -> None:
             model = ModelConfig.model_validate(training["model"])
     if model is not None:
         load_tokenizer(model)
-
-
-def start_ray() -> None:
-    """Join the Ray of RAY_ADDRESS or `ray start`, else start a local one that ends with this driver,
-    however it ends (batch/watchdog.py)."""
-    if ray.is_initialized():
-        return
-    ray.init()
-    start_watchdog()
 
 
 def run_batch(cfg: BatchJobConfig, engine_factory: Callable | None = None) -> Summary:

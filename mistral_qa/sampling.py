@@ -29,7 +29,9 @@ class _Strict(BaseModel):
 class StructuredOutput(_Strict):
     """Constrain the answer to JSON: any JSON object, or one that matches a JSON schema."""
 
-    type: Literal["json_object", "json_schema"] = Field(description="json_object: any JSON object; json_schema: `schema`.")
+    type: Literal["json_object", "json_schema"] = Field(
+        description="json_object: any JSON object; json_schema: `schema`."
+    )
     json_schema: dict[str, Any] | None = Field(
         None, description="The JSON schema the answer must match (type json_schema only)."
     )
@@ -40,7 +42,22 @@ class StructuredOutput(_Strict):
             raise ValueError("type json_schema needs json_schema")
         if self.type == "json_object" and self.json_schema is not None:
             raise ValueError("json_schema is only for type json_schema")
+        if self.json_schema is not None:
+            problem = schema_problem(self.json_schema)
+            if problem:
+                raise ValueError(f"the JSON schema cannot be used: {problem}")
         return self
+
+
+def schema_problem(schema: dict[str, Any]) -> str:
+    """Why the grammar library cannot compile this JSON schema ('' if it can). Tokenizer-free, so a bad
+    schema fails where settings are read (a batch config, a request body), not on every row later."""
+    from llguidance import LLMatcher
+
+    try:
+        return LLMatcher.validate_grammar(LLMatcher.grammar_from_json_schema(schema))
+    except (ValueError, TypeError, RuntimeError) as err:
+        return str(err)
 
 
 class SamplingSettings(_Strict):

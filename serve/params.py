@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from mistral_qa.sampling import SamplingParams, StructuredOutput, first_error
+from mistral_qa.sampling import SamplingParams, first_error
 
 from .errors import bad_request
 from .protocol import ChatCompletionRequest, CompletionRequest, RequestFields, ResponseFormat
@@ -28,7 +28,9 @@ def length_field(body: RequestFields) -> tuple[str, int | None]:
     return "max_tokens", body.max_tokens
 
 
-def structured(fmt: ResponseFormat | None) -> StructuredOutput | None:
+def structured(fmt: ResponseFormat | None) -> dict[str, Any] | None:
+    """`SamplingParams.structured` for a response_format, as a dict: SamplingParams validates it (the
+    schema too), so a schema the grammar library cannot compile is a 400 naming response_format."""
     if fmt is None or fmt.type == "text":
         if fmt is not None and fmt.json_schema is not None:
             raise bad_request("json_schema is only for type json_schema", param="response_format.json_schema")
@@ -36,10 +38,10 @@ def structured(fmt: ResponseFormat | None) -> StructuredOutput | None:
     if fmt.type == "json_object":
         if fmt.json_schema is not None:
             raise bad_request("json_schema is only for type json_schema", param="response_format.json_schema")
-        return StructuredOutput(type="json_object")
+        return {"type": "json_object"}
     if fmt.json_schema is None or not fmt.json_schema.schema_:
         raise bad_request("type json_schema needs json_schema.schema", param="response_format.json_schema.schema")
-    return StructuredOutput(type="json_schema", json_schema=fmt.json_schema.schema_)
+    return {"type": "json_schema", "json_schema": fmt.json_schema.schema_}
 
 
 def logprob_fields(body: RequestFields) -> dict[str, Any]:

@@ -40,6 +40,8 @@ SETTINGS = [
         ("generation.top_k=-2", "generation.top_k"),
         ("generation.presence_penalty=2.5", "generation.presence_penalty"),
         ("generation.structured={type: json_schema}", "generation.structured"),
+        # a schema the grammar library cannot compile fails here, not as every row's generation error
+        ("generation.structured={type: json_schema, json_schema: {type: strin}}", "generation.structured"),
     ],
 )
 def test_a_setting_the_engine_refuses_fails_at_config_validation(tmp_path, capsys, override, key):

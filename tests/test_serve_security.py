@@ -174,11 +174,17 @@ def test_types_are_strict(serve_url, body, param):
     assert_error(requests.post(serve_url + CHAT, json=body, timeout=60), 400, param)
 
 
+# A schema the grammar library cannot compile ("strin" is no JSON type): known before any token.
+BAD_SCHEMA = {"type": "json_schema", "json_schema": {"name": "answer", "schema": {"type": "strin"}}}
+
+
 def test_stream_errors_known_before_the_first_byte_are_http_errors(serve_url):
     for body, status, param in [
         (chat_body(model="no-such-model", stream=True), 404, "model"),
         (chat_body(stream=True, seed=2**64), 400, "seed"),
         (chat_body("sleep " * 3000, stream=True), 400, "messages"),
+        (chat_body(stream=True, response_format=BAD_SCHEMA), 400, "response_format"),
+        (chat_body(response_format=BAD_SCHEMA), 400, "response_format"),
     ]:
         response = requests.post(serve_url + CHAT, json=body, timeout=60)
         assert response.headers["content-type"].startswith("application/json")

@@ -5,6 +5,7 @@ outputs/<run>/adapter/          adapter_model.safetensors, adapter_config.json, 
 outputs/<run>/config.yaml       the resolved config
 outputs/<run>/metrics.jsonl     one line per step (train loss, lr, tok/s, memory; eval loss at evals)
 outputs/<run>/loss_curve.png
+With tracking: configured, the run is also logged to MLflow / TensorBoard / W&B (train/tracking.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from ray.train.torch import TorchTrainer
 
 from mistral_qa.config import TrainJobConfig
 from mistral_qa.configio import dump_config
+from mistral_qa.local_ray import start_ray
 from mistral_qa.model import load_tokenizer
 from mistral_qa.prompt import TEMPLATE_NAME
 
@@ -26,6 +28,7 @@ from .checkpoint import ADAPTER_DIR, read_history
 from .loop import train_loop_per_worker
 from .prepare import prepare_data
 from .report import plot_losses, write_metrics
+from .tracking import IDS_KEY, TrackingError, finish_runs, open_runs
 
 log = logging.getLogger("train")
 
@@ -65,15 +68,24 @@ def with_absolute_paths(cfg: TrainJobConfig) -> TrainJobConfig:
         cfg.data.source = absolute(cfg.data.source)
     if cfg.model.source == "local":
         cfg.model.name = absolute(cfg.model.name)
+    if cfg.tracking.tensorboard is not None:
+        cfg.tracking.tensorboard.log_dir = absolute(cfg.tracking.tensorboard.log_dir)
+    if cfg.tracking.wandb is not None:
+        cfg.tracking.wandb.dir = absolute(cfg.tracking.wandb.dir)
     return cfg
 
 
-def build_trainer(cfg: TrainJobConfig) -> TorchTrainer:
+def run_folder(cfg: TrainJobConfig) -> str:
+    """Ray Train's folder of this run (checkpoints); the tracked-run ids are kept beside them."""
+    return f"{absolute(cfg.run.storage_path).rstrip('/')}/{cfg.run.name}"
+
+
+def build_trainer(cfg: TrainJobConfig, tracking_ids: dict | None = None) -> TorchTrainer:
     cfg = with_absolute_paths(cfg)
     scaling = cfg.scaling
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=cfg.model_dump(mode="json"),
+        train_loop_config={**cfg.model_dump(mode="json"), IDS_KEY: tracking_ids or {}},
         scaling_config=ScalingConfig(
             num_workers=scaling.num_workers,
             use_gpu=scaling.use_gpu,
@@ -106,15 +118,30 @@ def write_outputs(cfg: TrainJobConfig, checkpoint_dir: Path, tokenizer) -> Path:
     return out
 
 
+def start_tracking(cfg: TrainJobConfig) -> tuple[TrainJobConfig, dict]:
+    """Reach the tracking backends before anything slow starts (seconds; a dead server is an error
+    naming its key, or with tracking.required=false a warning); returns the config the workers get."""
+    try:
+        tracking, ids = open_runs(cfg, run_folder(cfg))
+    except TrackingError as err:
+        raise PreflightError(str(err)) from None
+    return cfg.model_copy(update={"tracking": tracking}), ids
+
+
 def run_training(cfg: TrainJobConfig) -> Path:
     """Run (or resume) the training described by cfg; returns the run's output folder."""
-    tokenizer = load_tokenizer(cfg.model)  # fails fast (hub unreachable, missing package) before Ray work
-    check_data(cfg, tokenizer)
-    if not ray.is_initialized():
-        ray.init()
-    check_resources(cfg)
-    result = build_trainer(cfg).fit()
-    if result.checkpoint is None:
-        raise RuntimeError("training finished without a checkpoint")
-    with result.checkpoint.as_directory() as folder:
-        return write_outputs(cfg, Path(folder), tokenizer)
+    worker_cfg, tracking_ids = start_tracking(cfg)
+    out = None
+    try:
+        tokenizer = load_tokenizer(cfg.model)  # fails fast (hub unreachable, missing package) before Ray work
+        check_data(cfg, tokenizer)
+        start_ray()  # a local Ray, when it starts one, ends with this driver however it ends
+        check_resources(cfg)
+        result = build_trainer(worker_cfg, tracking_ids).fit()
+        if result.checkpoint is None:
+            raise RuntimeError("training finished without a checkpoint")
+        with result.checkpoint.as_directory() as folder:
+            out = write_outputs(cfg, Path(folder), tokenizer)
+        return out
+    finally:
+        finish_runs(worker_cfg.tracking, tracking_ids, out)

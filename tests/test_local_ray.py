@@ -1,5 +1,6 @@
-"""A SIGKILLed batch driver leaves no process of the local Ray it started (batch/watchdog.py): first
-with plain processes standing in for Ray's (seconds), then (slow) a real `python -m batch` driver."""
+"""A SIGKILLed batch or training driver leaves no process of the local Ray it started
+(mistral_qa/local_ray.py): first with plain processes standing in for Ray's (seconds), then (slow) a
+real `python -m batch` and a real `python -m train` driver."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ TINY = ROOT / "batch" / "configs" / "tiny.yaml"
 DRIVER = textwrap.dedent(
     """
     import subprocess, sys, time
-    from batch.watchdog import start_watchdog
+    from mistral_qa.local_ray import start_watchdog
     child = subprocess.Popen([sys.executable, "-c",
         "import subprocess, sys, time; subprocess.Popen(['sleep', '300']); time.sleep(300)"])
     start_watchdog()
@@ -99,5 +100,28 @@ def test_a_sigkilled_batch_driver_leaves_no_ray_process(tmp_path):
         assert any(n.startswith("raylet") for n in names) and any("DashboardAgent" in n for n in names), names
     finally:
         driver.send_signal(signal.SIGKILL)  # the driver alone, not its process group
+        driver.wait()
+    assert wait_gone(seen, timeout=30) == [], names
+
+
+@pytest.mark.slow  # a local Ray of its own and a real (tiny) training run
+def test_a_sigkilled_training_driver_leaves_no_ray_process(tmp_path):
+    cmd = [sys.executable, "-m", "train", "--config", "train/configs/tiny.yaml", f"run.output_dir={tmp_path}/out"]
+    cmd += [f"run.storage_path={tmp_path}/ray", "training.max_steps=100000", "training.eval_every=100000"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    with open(tmp_path / "job.log", "w") as log:
+        driver = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    seen: dict[int, float] = {}
+    try:
+        deadline = time.monotonic() + 300
+        while "step " not in (tmp_path / "job.log").read_text() and driver.poll() is None:
+            assert time.monotonic() < deadline, (tmp_path / "job.log").read_text()[-3000:]
+            time.sleep(0.5)
+        assert driver.poll() is None, (tmp_path / "job.log").read_text()[-3000:]
+        seen = snapshot(driver.pid)
+        names = sorted(f"{p.name()}: {' '.join(p.cmdline())[:40]}" for p in alive(seen))
+        assert any(n.startswith("raylet") for n in names), names
+    finally:
+        driver.send_signal(signal.SIGKILL)
         driver.wait()
     assert wait_gone(seen, timeout=30) == [], names

@@ -1,13 +1,15 @@
-"""Clean up a local Ray instance when the driver that started it dies without shutting it down.
+"""Start a local Ray for a job's driver, and clean it up when the driver dies without shutting it down.
 
 `ray.init()` starts a local Ray (GCS, raylet, dashboard, ...) as children that die with the driver
 (Linux PR_SET_PDEATHSIG). The raylet's own children do not: on a SIGKILLed driver the dashboard
 agent and the runtime-env agent (~215 MB) notice their raylet is gone, then wait on the dead GCS
-for a minute or more before they exit. So the job starts this watchdog beside the driver, in its own
+for a minute or more before they exit. So `start_ray` starts this watchdog beside the driver, in its own
 session: it keeps a list of the driver's descendants and, when the driver's end of a pipe closes
 (the driver is gone, however it died), ends those still running: SIGTERM, then SIGKILL.
 
-    python -m batch.watchdog DRIVER_PID      # started by start_watchdog(); stdin is the pipe
+    python -m mistral_qa.local_ray DRIVER_PID      # started by start_watchdog(); stdin is the pipe
+
+Both jobs' drivers (`python -m train`, `python -m batch`) call start_ray().
 """
 
 from __future__ import annotations
@@ -27,13 +29,24 @@ GRACE_S = 3.0
 _RUNNING: list[subprocess.Popen] = []  # referenced until exit: collecting it would close the pipe
 
 
+def start_ray() -> None:
+    """Join the Ray of RAY_ADDRESS or `ray start`, else start a local one that ends with this driver,
+    however the driver ends."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    ray.init()
+    start_watchdog()
+
+
 def start_watchdog() -> subprocess.Popen | None:
     """Watch this process's Ray children; None when it has none (it joined a Ray started elsewhere)."""
     if not psutil.Process().children():
         return None
     # The driver holds the pipe's write end until it exits, by any means: the watchdog reads EOF then.
     watchdog = subprocess.Popen(
-        [sys.executable, "-m", "batch.watchdog", str(os.getpid())],
+        [sys.executable, "-m", "mistral_qa.local_ray", str(os.getpid())],
         stdin=subprocess.PIPE,
         start_new_session=True,  # outlives a kill of the driver's process group
     )
