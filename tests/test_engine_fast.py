@@ -107,12 +107,12 @@ def test_small_prefill_packs_equal_generate(references):
 
 def test_cache_grows_with_the_longest_sequence(engine, references):
     decoder = engine._scheduler._runner.decoder
-    assert decoder.capacity <= 256
+    assert decoder.cache.capacity <= 256
     long_prompt = build_prompt("Tell me about sleep. " * 60)
     n = engine.count_tokens(long_prompt)
     assert n > 256
     [c] = engine.generate([long_prompt], SamplingParams(max_tokens=MAX_NEW))
-    assert decoder.capacity >= n + MAX_NEW - 1
+    assert decoder.cache.capacity >= n + MAX_NEW - 1
     assert c.token_ids == reference(engine._loaded.model, engine.tokenizer, long_prompt)
     [again] = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=MAX_NEW))
     assert again.token_ids == references[0]

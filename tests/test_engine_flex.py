@@ -31,9 +31,9 @@ def model():
 def decoder(model) -> SlotDecoder:
     """Eight slots of 600 columns (not a whole number of blocks), the cache filled at random."""
     decoder = SlotDecoder(model, [], slots=8, slot_len=600)
-    decoder.reserve(600)
+    decoder.cache.reserve(600)
     generator = torch.Generator().manual_seed(0)
-    for cache in (*decoder.keys, *decoder.values):
+    for cache in (*decoder.cache.keys, *decoder.cache.values):
         cache.copy_(torch.randn(cache.shape, generator=generator))
     return decoder
 

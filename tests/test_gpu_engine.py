@@ -9,8 +9,8 @@ import torch
 
 from mistral_qa.config import ModelConfig
 from mistral_qa.engine import Engine, EngineConfig, SamplingParams
-from mistral_qa.engine.decoder import decode_layer
 from mistral_qa.engine.graphs import DecodeSteps
+from mistral_qa.engine.wiring import decode_layer
 from mistral_qa.prompt import build_prompt
 
 pytestmark = pytest.mark.gpu
@@ -109,7 +109,8 @@ def test_chunked_prefill_follows_whole_prefill(engine):
         chunked = dec.prefill_chunk(prompt[start : start + 32], 1, start, -1, pad_tokens=32, pad_rows=64)
     torch.testing.assert_close(chunked, whole, atol=2e-2, rtol=0)
     assert torch.equal(chunked.argmax(-1), whole.argmax(-1))
-    torch.testing.assert_close(dec.keys[0][1, :, : len(prompt)], dec.keys[0][0, :, : len(prompt)], atol=2e-2, rtol=0)
+    keys = dec.cache.keys[0]
+    torch.testing.assert_close(keys[1, :, : len(prompt)], keys[0, :, : len(prompt)], atol=2e-2, rtol=0)
 
 
 def test_sampling_features_do_not_depend_on_the_batch(engine):

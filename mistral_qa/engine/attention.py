@@ -1,12 +1,22 @@
-"""Attention pieces of the decoder that depend on the device: FlexAttention's block mask for decode
-(each row reads only the KV blocks it holds), and the one-call variable-length flash attention that
-prefill packs use on CUDA."""
+"""The engine's attention variants, over the slot KV cache (kv_cache.py):
+
+- decode, one new token per row: SDPA over the first `context` columns of every row's slot
+  (`sdpa_decode`), or FlexAttention with a per-row block mask, so each row reads only the KV blocks
+  it holds (`flex_mask`, `flex_decode`);
+- prefill of a pack of prompts, each causal within itself: one variable-length flash-attention call
+  on CUDA (`packed_attention`, `packed_causal`), else one SDPA call per prompt (`per_prompt_causal`);
+- a chunk of a long prompt: SDPA over its slot's cached tokens and itself (`chunk_attention`).
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import BlockMask
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+# Prefill's SDPA kernels, never cuDNN's: PyTorch's first choice on Hopper, they build a plan per prompt length.
+PREFILL_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 # Flex block mask: cache columns per KV block, and the size of its one query block (inductor's decoding
 # kernel needs a multiple of its 16-row tile there).
@@ -51,3 +61,62 @@ def packed_causal(q, k, v, bounds: torch.Tensor, longest: int, scale: float) -> 
     return torch.ops.aten._flash_attention_forward(
         q, k, v, bounds, bounds, longest, longest, 0.0, True, False, scale=scale
     )[0]
+
+
+def sdpa_decode(q, keys, values, mask: torch.Tensor, rows: int, dims) -> torch.Tensor:
+    """q: [>= rows, heads, 1, dim]; keys, values: one layer's cache; mask: [rows, 1, 1, context]
+    boolean over the first `context` cache columns. Returns [rows, kv_heads, heads per kv head, dim]."""
+    heads, kv_heads, head_dim, scale = dims
+    context = mask.shape[-1]
+    # One new token per row: the query heads sharing a KV head ride as that head's "tokens".
+    qg = q[:rows].reshape(rows, kv_heads, heads // kv_heads, head_dim)
+    return F.scaled_dot_product_attention(
+        qg, keys[:rows, :, :context], values[:rows, :, :context], attn_mask=mask, scale=scale
+    )
+
+
+def flex_decode(q, keys, values, mask: BlockMask, rows: int, scale: float) -> torch.Tensor:
+    """q: [>= rows, heads, 1, dim]; keys, values: one layer's whole cache; mask: flex_mask's.
+    Returns [rows, heads, 1, dim]."""
+    # Over all cache slots (those past `rows` read no blocks), the cache's shape made constant under
+    # torch.compile(dynamic=True): inductor's flex-decoding kernel needs a static batch (else it
+    # falls back to its general kernel) and skips bounds checks when the length is whole blocks.
+    # One compiled graph still serves every bucket of rows (on CUDA the cache never grows).
+    torch._dynamo.mark_static(keys, 0)
+    torch._dynamo.mark_static(keys, 2)
+    everyone = q.new_zeros(keys.shape[0], *q.shape[1:])
+    everyone[:rows] = q[:rows]
+    return flex_attention(everyone, keys, values, block_mask=mask, scale=scale, enable_gqa=True)[:rows]
+
+
+def per_prompt_causal(q, k, v, starts: list[int], lengths: list[int], scale: float) -> list[torch.Tensor]:
+    """q: [tokens, heads, dim]; k, v: [tokens, kv_heads, dim]; prompt i is tokens starts[i]..+lengths[i].
+    Each prompt attends alone (the same numbers whatever it is packed with), one SDPA call each.
+    Returns each prompt's [length, heads, dim]."""
+    q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+    with sdpa_kernel(PREFILL_ATTENTION):
+        return [
+            F.scaled_dot_product_attention(
+                q[None, :, a : a + n],
+                k[None, :, a : a + n],
+                v[None, :, a : a + n],
+                is_causal=True,
+                scale=scale,
+                enable_gqa=True,
+            )[0].transpose(0, 1)
+            for a, n in zip(starts, lengths, strict=True)
+        ]
+
+
+def chunk_attention(q, keys, values, slot: int, columns: int, visible: torch.Tensor, scale: float) -> torch.Tensor:
+    """A chunk of n tokens (q: [n, heads, 1, dim]) attending to the first `columns` cached tokens of
+    `slot` (its own keys already written there) through `visible` [n, columns], the offset causal
+    mask. One SDPA call: no varlen kernel is needed. Returns [n, heads, dim]."""
+    return F.scaled_dot_product_attention(
+        q[None, :, :, 0].transpose(1, 2),
+        keys[slot : slot + 1, :, :columns],
+        values[slot : slot + 1, :, :columns],
+        attn_mask=visible,
+        scale=scale,
+        enable_gqa=True,
+    )[0].transpose(0, 1)

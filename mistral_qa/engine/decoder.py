@@ -1,14 +1,8 @@
-"""The model's forward pass written out over a slot KV cache, for Llama/Mistral-family models.
+"""The model's forward passes over the slot KV cache: packed prefill, chunked prefill and decode.
 
-The cache is preallocated: `slots` sequences x `slot_len` tokens per layer. The sequence in slot i
-keeps its keys and values at positions 0..n-1 of row i, so every sequence has its own position and
-a decode step is one forward over rows 0..rows-1 whatever their lengths: no padding columns, no
-reshaping of the cache when sequences join or leave (a finished sequence's slot is refilled by
-moving the last one into it).
-
-It uses the model's own modules (embedding, norms, projections, rotary embedding, MLP activation)
-and only re-does the wiring, so numbers match the transformers forward. LoRA adapters are applied
-per row (lora_rows.py), so one step can mix adapters and the bare base.
+`SlotDecoder` puts the layers together: the model's wiring (wiring.py), the cache (kv_cache.py) and
+the attention variants (attention.py). Every call names the cache slots it reads and writes; which
+request is in which slot is decided by the scheduler (scheduler.py) and comes in through the runner.
 
 Shapes can be padded for batch invariance (see `prefill` and `decode`): on CUDA every decode runs
 the matmuls over a fixed number of rows, so a sequence gets the same numbers alone or in a full
@@ -18,126 +12,13 @@ batch, and greedy answers do not depend on what else is running.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from ..model import ModelLoadError
-from .attention import flex_mask, packed_attention, packed_causal
-from .lora_rows import LoraRows
-from .support import check_supported
+from .attention import chunk_attention, flex_mask, packed_attention, packed_causal, per_prompt_causal
+from .kv_cache import KVCache
+from .wiring import DecodeRows, decode_layer, finish_layer, qkv, wire
 
-PREFILL_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 DECODE_ATTENTION = ("sdpa", "flex")
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [rows, heads, tokens, dim]; cos/sin: [rows, tokens, dim] (as transformers applies them)."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return (x * cos) + (_rotate_half(x) * sin)
-
-
-def _lora(out: torch.Tensor, table, x: torch.Tensor, adapter_index: torch.Tensor) -> torch.Tensor:
-    """out plus each row's own LoRA delta of x, when the projection has adapters (see lora_rows.py)."""
-    if table is None:
-        return out
-    a, b, owner = table
-    keep = (adapter_index[:, None] == owner[None, :]).to(a.dtype)  # [rows, sum of ranks]
-    low = (x.to(a.dtype) @ a.T) * keep[:, None, :]
-    return out + (low @ b.T).to(out.dtype)
-
-
-def _base(module: nn.Module) -> nn.Module:
-    return getattr(module, "base_layer", module)
-
-
-def project(module: nn.Module, table, x: torch.Tensor, adapter_index: torch.Tensor) -> torch.Tensor:
-    return _lora(_base(module)(x), table, x, adapter_index)
-
-
-def _projections(x, fused, parts, tables, adapter_index, modules) -> list[torch.Tensor]:
-    """Several projections of the same x: one matmul over their concatenated weights when fused."""
-    if fused is None:
-        return [project(m, tables[n], x, adapter_index) for n, m in zip(parts, modules, strict=True)]
-    outs = F.linear(x, fused).split([m.weight.shape[0] for m in map(_base, modules)], dim=-1)
-    return [_lora(o, tables[n], x, adapter_index) for o, n in zip(outs, parts, strict=True)]
-
-
-def fuse_weights(modules: list[nn.Module]) -> torch.Tensor | None:
-    """One weight matrix for projections that read the same input (plain bias-free Linear layers),
-    the modules' own weights becoming views into it (no extra memory); None when they don't fit."""
-    bases = [_base(m) for m in modules]
-    if not all(type(b) is nn.Linear and b.bias is None for b in bases):
-        return None
-    fused = torch.cat([b.weight.data for b in bases])
-    start = 0
-    for b in bases:
-        rows = b.weight.shape[0]
-        b.weight.data = fused[start : start + rows]
-        start += rows
-    return fused
-
-
-QKV = ("q_proj", "k_proj", "v_proj")
-GATE_UP = ("gate_proj", "up_proj")
-
-
-def qkv(layer, tables, x, adapter_index, cos, sin, dims):
-    """Queries [rows, heads, tokens, dim] and keys, values [rows, kv_heads, tokens, dim], rotated."""
-    heads, kv_heads, head_dim, _ = dims
-    rows, tokens = x.shape[:2]
-    attn = layer.self_attn
-    q, k, v = _projections(x, tables["qkv"], QKV, tables, adapter_index, [attn.q_proj, attn.k_proj, attn.v_proj])
-    q = q.reshape(rows, tokens, heads, head_dim).transpose(1, 2)
-    k = k.reshape(rows, tokens, kv_heads, head_dim).transpose(1, 2)
-    v = v.reshape(rows, tokens, kv_heads, head_dim).transpose(1, 2)
-    return _rope(q, cos, sin), _rope(k, cos, sin), v
-
-
-def finish_layer(layer, tables, h, attended, adapter_index):
-    """Output projection, residual, MLP, residual."""
-    h = h + project(layer.self_attn.o_proj, tables["o_proj"], attended, adapter_index)
-    x = layer.post_attention_layernorm(h)
-    mlp = layer.mlp
-    gate, up = _projections(x, tables["gate_up"], GATE_UP, tables, adapter_index, [mlp.gate_proj, mlp.up_proj])
-    return h + project(mlp.down_proj, tables["down_proj"], mlp.act_fn(gate) * up, adapter_index)
-
-
-def decode_layer(layer, tables, h, cos, sin, adapter_index, keys, values, slot, positions, mask, dims):
-    """One layer for one new token per row. Rows 0..len(slot)-1 are cache slots: their keys/values
-    are written at their positions; other rows are padding. `mask` is SDPA's boolean mask over the
-    first mask.shape[-1] cache columns, or a flex BlockMask over the whole cache (flex_mask)."""
-    heads, kv_heads, head_dim, scale = dims
-    rows = slot.shape[0]
-    q, k, v = qkv(layer, tables, layer.input_layernorm(h), adapter_index, cos, sin, dims)
-    keys[slot, :, positions[:rows]] = k[:rows, :, 0]
-    values[slot, :, positions[:rows]] = v[:rows, :, 0]
-    if isinstance(mask, BlockMask):
-        # Over all cache slots (those past `rows` read no blocks), the cache's shape made constant under
-        # torch.compile(dynamic=True): inductor's flex-decoding kernel needs a static batch (else it
-        # falls back to its general kernel) and skips bounds checks when the length is whole blocks.
-        # One compiled graph still serves every bucket of rows (on CUDA the cache never grows).
-        torch._dynamo.mark_static(keys, 0)
-        torch._dynamo.mark_static(keys, 2)
-        everyone = q.new_zeros(keys.shape[0], *q.shape[1:])
-        everyone[:rows] = q[:rows]
-        o = flex_attention(everyone, keys, values, block_mask=mask, scale=scale, enable_gqa=True)[:rows]
-    else:
-        context = mask.shape[-1]
-        # One new token per row: the query heads sharing a KV head ride as that head's "tokens".
-        qg = q[:rows].reshape(rows, kv_heads, heads // kv_heads, head_dim)
-        o = F.scaled_dot_product_attention(
-            qg, keys[:rows, :, :context], values[:rows, :, :context], attn_mask=mask, scale=scale
-        )
-    attended = q.new_zeros(q.shape[0], 1, heads * head_dim)
-    attended[:rows, 0] = o.reshape(rows, -1)
-    return finish_layer(layer, tables, h, attended, adapter_index)
 
 
 class SlotDecoder:
@@ -147,53 +28,13 @@ class SlotDecoder:
         if attention not in DECODE_ATTENTION:
             raise ValueError(f"decode attention {attention!r}: choose one of {', '.join(DECODE_ATTENTION)}")
         self.attention = attention
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        check_supported(base)
-        self.inner, self.lm_head = base.model, base.lm_head
-        self.layers = list(self.inner.layers)
-        cfg = base.config
-        attn = self.layers[0].self_attn
-        self.head_dim, self.scale = attn.head_dim, attn.scaling
-        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-        weight = self.inner.embed_tokens.weight
-        self.device, self.dtype = weight.device, weight.dtype
-        lora = LoraRows(model, adapters, self.dtype)
-        self.tables = [lora.layer_tables(layer) for layer in self.layers]
-        for layer, tables in zip(self.layers, self.tables, strict=True):
-            attn, mlp = layer.self_attn, layer.mlp
-            tables["qkv"] = fuse_weights([attn.q_proj, attn.k_proj, attn.v_proj])
-            tables["gate_up"] = fuse_weights([mlp.gate_proj, mlp.up_proj])
-        self.dims = (self.heads, self.kv_heads, self.head_dim, self.scale)
+        self.wiring = wire(model, adapters)
+        self.inner, self.lm_head = self.wiring.inner, self.wiring.lm_head
+        self.layers, self.tables, self.dims = self.wiring.layers, self.wiring.tables, self.wiring.dims
+        self.device, self.dtype = self.wiring.device, self.wiring.dtype
         self.decode_layer, self.qkv, self.finish_layer = decode_layer, qkv, finish_layer
-        self.slots, self.slot_len = slots, slot_len
-        # On CUDA the whole cache exists from the start (captured graphs hold its address); on CPU it
-        # grows with the longest sequence, so a large max_context costs memory only when used.
-        self.capacity = slot_len if self.device.type == "cuda" else min(256, slot_len)
-        try:
-            self.keys, self.values = self._allocate(self.capacity), self._allocate(self.capacity)
-        except torch.OutOfMemoryError:
-            per_token = 2 * len(self.layers) * self.kv_heads * self.head_dim * weight.element_size()
-            gib = per_token * slots * slot_len / 2**30
-            raise ModelLoadError(
-                f"the KV cache for {slots} sequences x {slot_len} tokens needs {gib:.1f} GiB, more than is free "
-                "next to the model: lower max_batch_size or max_context"
-            ) from None
-
-    def _allocate(self, columns: int) -> list[torch.Tensor]:
-        shape = (self.slots, self.kv_heads, columns, self.head_dim)
-        return [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
-
-    def reserve(self, length: int) -> None:
-        """Make room for sequences of `length` tokens (<= slot_len)."""
-        if length <= self.capacity:
-            return
-        columns = min(self.slot_len, max(length, 2 * self.capacity))
-        for cache in (self.keys, self.values):
-            for i, old in enumerate(cache):
-                new = old.new_zeros(self.slots, self.kv_heads, columns, self.head_dim)
-                new[:, :, : self.capacity] = old
-                cache[i] = new
-        self.capacity = columns
+        _, kv_heads, head_dim, _ = self.dims
+        self.cache = KVCache(len(self.layers), slots, slot_len, kv_heads, head_dim, self.dtype, self.device)
 
     # -- the layers ------------------------------------------------------------------------------
 
@@ -212,6 +53,10 @@ class SlotDecoder:
         if pad_rows is not None and pad_rows > rows:
             last = torch.cat([last, last.new_zeros(pad_rows - rows, last.shape[1])])
         return self.lm_head(last)[:rows].float()
+
+    def _padding(self, q: torch.Tensor, rows: int) -> torch.Tensor:
+        """Attention output for `rows` padding tokens: zeros [rows, heads, dim]."""
+        return q.new_zeros(rows, self.dims.heads, self.dims.head_dim)
 
     # -- prefill ---------------------------------------------------------------------------------
 
@@ -236,7 +81,7 @@ class SlotDecoder:
             # A 0-token prompt has no last token: its "last-token logits" would be the previous prompt's.
             raise ValueError(f"prefill needs prompts of at least one token, got lengths {lengths}")
         total = sum(lengths)
-        self.reserve(max(lengths))
+        self.cache.reserve(max(lengths))
         width = max(total, pad_tokens or 0)
         ids = torch.zeros(width, dtype=torch.long)
         positions = torch.zeros(width, dtype=torch.long)
@@ -260,28 +105,14 @@ class SlotDecoder:
 
         def attend(layer: int, q, k, v):  # q: [width, heads, 1, dim]; k, v: [width, kv_heads, 1, dim]
             q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
-            self.keys[layer][token_slot, :, positions[:total]] = k[:total]
-            self.values[layer][token_slot, :, positions[:total]] = v[:total]
+            self.cache.keys[layer][token_slot, :, positions[:total]] = k[:total]
+            self.cache.values[layer][token_slot, :, positions[:total]] = v[:total]
             if packed:  # every prompt alone (its own causal attention), all in one kernel
-                parts = [packed_causal(q[:total], k[:total], v[:total], bounds, max(lengths), self.scale)]
+                parts = [packed_causal(q[:total], k[:total], v[:total], bounds, max(lengths), self.dims.scale)]
             else:
-                q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
-                # Each prompt attends alone (the same numbers whatever it is packed with), never with
-                # cuDNN's kernels: PyTorch's first choice on Hopper, they build a plan per prompt length.
-                with sdpa_kernel(PREFILL_ATTENTION):
-                    parts = [
-                        F.scaled_dot_product_attention(
-                            q[None, :, a : a + n],
-                            k[None, :, a : a + n],
-                            v[None, :, a : a + n],
-                            is_causal=True,
-                            scale=self.scale,
-                            enable_gqa=True,
-                        )[0].transpose(0, 1)
-                        for a, n in zip(starts, lengths, strict=True)
-                    ]
+                parts = per_prompt_causal(q, k, v, starts, lengths, self.dims.scale)
             if width > total:
-                parts.append(q.new_zeros(width - total, self.heads, self.head_dim))
+                parts.append(self._padding(q, width - total))
             return torch.cat(parts).reshape(width, 1, -1)
 
         h = self.inner.embed_tokens(ids)[:, None, :]
@@ -302,16 +133,15 @@ class SlotDecoder:
         """Prefill one chunk of a long prompt: its tokens start..start+len(ids)-1 go into cache slot
         `slot` after the `start` tokens already there; returns the chunk's last-token logits [1, vocab].
 
-        The chunk attends causally to itself and to the cached tokens before it: SDPA over the slot's
-        first start+n columns with an offset causal mask (on CUDA too: one call per chunk per layer,
-        so no varlen kernel is needed). Chunk boundaries depend on the prompt alone, so a prompt gets
-        the same numbers whatever runs beside it.
+        The chunk attends causally to itself and to the cached tokens before it (attention.chunk_attention,
+        on CUDA too). Chunk boundaries depend on the prompt alone, so a prompt gets the same numbers
+        whatever runs beside it.
         """
         n = len(ids)
         if n == 0:
             raise ValueError("prefill needs prompts of at least one token, got an empty chunk")
         columns = start + n
-        self.reserve(columns)
+        self.cache.reserve(columns)
         width = max(n, pad_tokens or 0)
         tokens = torch.zeros(width, dtype=torch.long)
         tokens[:n] = torch.tensor(ids, dtype=torch.long)
@@ -323,19 +153,12 @@ class SlotDecoder:
         visible = torch.arange(columns, device=self.device)[None, :] <= positions[:n, None]  # [n, columns]
 
         def attend(layer: int, q, k, v):  # q: [width, heads, 1, dim]; k, v: [width, kv_heads, 1, dim]
-            keys, values = self.keys[layer], self.values[layer]
+            keys, values = self.cache.keys[layer], self.cache.values[layer]
             keys[slot, :, start:columns] = k[:n, :, 0].transpose(0, 1)
             values[slot, :, start:columns] = v[:n, :, 0].transpose(0, 1)
-            o = F.scaled_dot_product_attention(
-                q[None, :n, :, 0].transpose(1, 2),
-                keys[slot : slot + 1, :, :columns],
-                values[slot : slot + 1, :, :columns],
-                attn_mask=visible,
-                scale=self.scale,
-                enable_gqa=True,
-            )[0].transpose(0, 1)  # [n, heads, dim]
+            o = chunk_attention(q[:n], keys, values, slot, columns, visible, self.dims.scale)  # [n, heads, dim]
             if width > n:
-                o = torch.cat([o, o.new_zeros(width - n, self.heads, self.head_dim)])
+                o = torch.cat([o, self._padding(o, width - n)])
             return o.reshape(width, 1, -1)
 
         h = self.inner.embed_tokens(tokens)[:, None, :]
@@ -354,15 +177,15 @@ class SlotDecoder:
         a CUDA graph."""
         slot = torch.arange(rows, device=self.device)
         if self.attention == "flex":
-            mask = flex_mask(positions[:rows], self.slots, self.capacity)
+            mask = flex_mask(positions[:rows], self.cache.slots, self.cache.capacity)
         else:
             mask = (torch.arange(context, device=self.device)[None, :] <= positions[:rows, None])[:, None, None, :]
         h = self.inner.embed_tokens(ids)[:, None, :]
         cos, sin = self.inner.rotary_emb(h, positions[:, None])
-        for layer, tables, keys, values in zip(self.layers, self.tables, self.keys, self.values, strict=True):
-            h = self.decode_layer(
-                layer, tables, h, cos, sin, adapter_index, keys, values, slot, positions, mask, self.dims
-            )
+        step = DecodeRows(cos, sin, adapter_index, slot, positions, mask)
+        cache = self.cache
+        for layer, tables, keys, values in zip(self.layers, self.tables, cache.keys, cache.values, strict=True):
+            h = self.decode_layer(layer, tables, h, step, keys, values, self.dims)
         return self.lm_head(self.inner.norm(h)[:, 0]).float()
 
     def compile(self) -> None:
@@ -371,9 +194,3 @@ class SlotDecoder:
         self.decode_layer = torch.compile(decode_layer, dynamic=True)
         self.qkv = torch.compile(qkv, dynamic=True)
         self.finish_layer = torch.compile(finish_layer, dynamic=True)
-
-    def move(self, source: int, target: int, length: int) -> None:
-        """Copy the first `length` cached tokens of slot `source` into slot `target`."""
-        for keys, values in zip(self.keys, self.values, strict=True):
-            keys[target, :, :length] = keys[source, :, :length]
-            values[target, :, :length] = values[source, :, :length]

@@ -50,7 +50,7 @@ class DecodeSteps:
         self.padded = cuda if padded is None else padded
         if compile:
             decoder.compile()
-        largest = self._gemm_rows(decoder.slots)
+        largest = self._gemm_rows(decoder.cache.slots)
         self.ids = torch.zeros(largest, dtype=torch.long, device=decoder.device)
         self.positions = torch.zeros(largest, dtype=torch.long, device=decoder.device)
         self.adapters = torch.full((largest,), -1, dtype=torch.long, device=decoder.device)
@@ -66,8 +66,8 @@ class DecodeSteps:
         """(matmul rows, attention rows, context columns) for n sequences, the longest `longest` tokens."""
         if not self.padded:
             return n, n, longest
-        context = min(max(MIN_CONTEXT, _pow2(longest)), self.decoder.slot_len)
-        return self._gemm_rows(n), min(max(MIN_ATTENTION_ROWS, _pow2(n)), self.decoder.slots), context
+        context = min(max(MIN_CONTEXT, _pow2(longest)), self.decoder.cache.slot_len)
+        return self._gemm_rows(n), min(max(MIN_ATTENTION_ROWS, _pow2(n)), self.decoder.cache.slots), context
 
     def prefill_padding(self, total_tokens: int) -> tuple[int | None, int | None]:
         """(pad_tokens, pad_rows) for a prefill forward of total_tokens packed prompt tokens."""
@@ -82,7 +82,7 @@ class DecodeSteps:
         device (on the GPU they may still be in the making: the copy queues behind them)."""
         n = len(positions)
         rows, attn_rows, context = self.shape(n, max(positions) + 1)
-        self.decoder.reserve(context)
+        self.decoder.cache.reserve(context)
         self.ids[:rows].zero_()
         self.positions[:rows].zero_()
         self.adapters[:rows].fill_(-1)

@@ -207,7 +207,7 @@ class StepRunner:
         self.partial = None
         target = len(self.rows)
         if target != slot:
-            self.decoder.move(slot, target, request.prompt_tokens)
+            self.decoder.cache.move(slot, target, request.prompt_tokens)
         self.rows.append(request)
         if self._emit(request, self._append(request, *token)):
             self._remove([target])
@@ -240,7 +240,7 @@ class StepRunner:
         for i in sorted(indices, reverse=True):
             last = self.rows.pop()
             if i < len(self.rows):
-                self.decoder.move(len(self.rows), i, min(self._cached(last) + 1, self.max_context))
+                self.decoder.cache.move(len(self.rows), i, min(self._cached(last) + 1, self.max_context))
                 self.rows[i] = last
 
     def _append(self, row: Request, token: int, logprobs: HostLogprobs | None = None) -> str | None:
