@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from .model import cache_dir
-from .prompt import TEMPLATE_NAME
+from .templates import DEFAULT_TEMPLATE, TEMPLATES, PromptTemplate, TemplateError, load_template
 
 log = logging.getLogger(__name__)
 
@@ -104,14 +104,44 @@ def read_training_config(folder: Path) -> dict | None:
     return data
 
 
-def check_prompt_template(name: str, training_config: dict | None) -> None:
-    """Fail unless the adapter learned the template this package builds prompts with."""
+def template_name(training_config: dict | None) -> str:
+    """The prompt template a run trained with: its resolved data.template, else the older top-level
+    prompt_template key, else (a bare checkpoint, which records neither) the default, alpaca."""
     if training_config is None:
-        log.warning("adapter %s has no %s; assuming prompt template %s", name, TRAINING_CONFIG, TEMPLATE_NAME)
+        return DEFAULT_TEMPLATE
+    data = training_config.get("data")
+    if isinstance(data, dict) and "template" in data:
+        return data["template"]
+    return training_config.get("prompt_template", DEFAULT_TEMPLATE)
+
+
+def check_prompt_template(name: str, training_config: dict | None) -> None:
+    """Fail unless the adapter learned a template this package can build prompts with."""
+    if training_config is None:
+        log.warning("adapter %s has no %s; assuming prompt template %s", name, TRAINING_CONFIG, DEFAULT_TEMPLATE)
         return
-    template = training_config.get("prompt_template")
-    if template != TEMPLATE_NAME:
+    template = template_name(training_config)
+    if template not in TEMPLATES:
         raise AdapterError(
-            f"adapter {name!r} was trained with prompt_template={template!r}, but this code builds "
-            f"{TEMPLATE_NAME!r} prompts; answers would not match the fine-tune"
+            f"adapter {name!r} was trained with prompt template {template!r}, but this code builds "
+            f"{' or '.join(repr(t) for t in TEMPLATES)} prompts; answers would not match the fine-tune"
         )
+
+
+def adapter_template(name: str, training_config: dict | None, tokenizer) -> PromptTemplate:
+    """The template adapter `name` learned, over the tokenizer it is served with; AdapterError when
+    that tokenizer cannot render it (chat without a chat template)."""
+    check_prompt_template(name, training_config)
+    try:
+        return load_template(template_name(training_config), tokenizer)
+    except TemplateError as err:
+        raise AdapterError(f"adapter {name!r}: {err}") from None
+
+
+def adapter_templates(locations: dict[str, str], tokenizer) -> dict[str, PromptTemplate]:
+    """The template each adapter (name -> location, as EngineConfig.adapters) answers with, read from
+    its training_config.yaml; AdapterError for one that cannot be rendered with `tokenizer`."""
+    return {
+        name: adapter_template(name, read_training_config(resolve_adapter(location)), tokenizer)
+        for name, location in locations.items()
+    }

@@ -45,8 +45,13 @@ class LoraSettings(StrictModel):
 class DataConfig(StrictModel):
     source: str = Field(
         "tatsu-lab/alpaca",
-        description="Hub dataset id, or a local .json/.jsonl/.parquet file of Alpaca rows "
-        "(instruction, input, output). 'builtin:mobile_health' is the project's own set.",
+        description="Hub dataset id, or a local .json/.jsonl/.parquet file of Alpaca rows (instruction, input, "
+        "output), OpenAI messages rows or ShareGPT conversations rows. 'builtin:mobile_health' is the project's own set.",
+    )
+    template: Literal["alpaca", "chat"] = Field(
+        "alpaca",
+        description="Prompt template: alpaca (### Instruction/### Response text) or chat (the tokenizer's own chat "
+        "template; the model must carry one). Recorded with the adapter; serve and batch answer with it.",
     )
     eval_size: int = Field(200, ge=1, description="Rows held out for evaluation (deterministic by split_seed).")
     split_seed: int = Field(42, description="Seed of the train/eval split.")
@@ -54,7 +59,9 @@ class DataConfig(StrictModel):
         512, ge=16, description="Rows whose tokenised prompt+response is longer are dropped and counted."
     )
     loss_on: Literal["response", "all"] = Field(
-        "response", description="Compute the loss on the response tokens only, or on the whole sequence."
+        "response",
+        description="Compute the loss on the assistant answers only (every assistant turn with chat), or on the "
+        "whole sequence.",
     )
     max_rows: int | None = Field(None, ge=1, description="Use at most this many rows (before the split).")
 

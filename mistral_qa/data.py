@@ -1,4 +1,5 @@
-"""Alpaca-format data: read a source, check rows, split, tokenise with loss masks, collate.
+"""Training data: read a source, check rows (Alpaca, messages or conversations: formats.py), split,
+tokenise with loss masks through the prompt template (templates.py), collate.
 
 Bad rows are counted by reason and dropped; they never stop a job.
 """
@@ -11,7 +12,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .prompt import build_prompt
+from .formats import check_alpaca, conversation, detect_format
+from .templates import AlpacaTemplate, PromptTemplate
 
 IGNORE_INDEX = -100
 ASSETS = Path(__file__).parent / "assets"
@@ -31,15 +33,18 @@ class DataReport:
     total: int = 0
     kept: int = 0
     dropped: Counter = field(default_factory=Counter)
+    format: str = ""  # the row format detected (formats.FORMATS); "" before rows are checked
 
     def add(self, other: DataReport) -> None:
         self.total += other.total
         self.kept += other.kept
         self.dropped.update(other.dropped)
+        self.format = self.format or other.format
 
     def summary(self) -> str:
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.dropped.items())) or "none"
-        return f"{self.kept}/{self.total} rows kept; dropped {sum(self.dropped.values())} ({reasons})"
+        rows = f"{self.format} rows" if self.format else "rows"
+        return f"{self.kept}/{self.total} {rows} kept; dropped {sum(self.dropped.values())} ({reasons})"
 
 
 @dataclass(frozen=True)
@@ -126,35 +131,36 @@ def read_rows(source: str) -> list:
     return _read_hub(source)
 
 
-def check_row(row: object) -> str | None:
-    """The reason a row is unusable, or None when it is a good Alpaca row."""
+def check_row(row: object, fmt: str = "alpaca") -> str | None:
+    """The reason a row of format `fmt` (formats.FORMATS) is unusable, or None when it is good."""
     if isinstance(row, BadLine):
         return row.reason
     if not isinstance(row, dict):
         return "unreadable"
-    for key in ("instruction", "output"):
-        if key not in row or row[key] is None:
-            return f"missing_{key}"
-        if not isinstance(row[key], str):
-            return f"non_text_{key}"
-    if not isinstance(row.get("input") or "", str):
-        return "non_text_input"
-    if not row["instruction"].strip():
-        return "empty_instruction"
-    if not row["output"].strip():
-        return "empty_output"
-    return None
+    if fmt == "alpaca":
+        return check_alpaca(row)
+    turns = conversation(row, fmt)
+    return turns if isinstance(turns, str) else None
+
+
+def clean_row(row: dict, fmt: str) -> dict:
+    """A good row in its clean shape: an Alpaca dict, or {"messages": [...]} for both chat formats."""
+    if fmt == "alpaca":
+        return {"instruction": row["instruction"], "input": row.get("input") or "", "output": row["output"]}
+    return {"messages": conversation(row, fmt)}
 
 
 def clean_rows(rows: list) -> tuple[list[dict], DataReport]:
-    report = DataReport(total=len(rows))
+    """The usable rows of one source (its format detected from the rows), and what was dropped why."""
+    fmt = detect_format(rows)
+    report = DataReport(total=len(rows), format=fmt)
     good = []
     for row in rows:
-        reason = check_row(row)
+        reason = check_row(row, fmt)
         if reason:
             report.dropped[reason] += 1
         else:
-            good.append({"instruction": row["instruction"], "input": row.get("input") or "", "output": row["output"]})
+            good.append(clean_row(row, fmt))
     report.kept = len(good)
     return good, report
 
@@ -170,26 +176,34 @@ def split_rows(rows: list[dict], eval_size: int, seed: int) -> tuple[list[dict],
     return [rows[i] for i in train_idx], [rows[i] for i in eval_idx]
 
 
-def tokenize_row(tokenizer, row: dict, max_length: int, loss_on: str) -> dict | None:
-    """input_ids and labels for one row (prompt masked when loss_on='response'); None if too long."""
-    prompt = build_prompt(row["instruction"], row["input"])
-    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    full_ids = tokenizer(prompt + row["output"].strip(), add_special_tokens=True)["input_ids"]
-    full_ids = full_ids + [tokenizer.eos_token_id]
-    if len(full_ids) > max_length:
+def row_conversation(row: dict, template: PromptTemplate) -> list[dict]:
+    """A clean row as the conversation the template trains on (an Alpaca row: one exchange)."""
+    if "messages" in row:
+        return row["messages"]
+    ask = template.instruction_messages(row["instruction"], row["input"])
+    return [*ask, {"role": "assistant", "content": row["output"]}]
+
+
+def tokenize_row(
+    tokenizer, row: dict, max_length: int, loss_on: str, template: PromptTemplate | None = None
+) -> dict | None:
+    """input_ids and labels for one row (only assistant answers learnt when loss_on='response');
+    None if too long. The template defaults to alpaca, the seed's."""
+    template = template or AlpacaTemplate(tokenizer)
+    ids, learnt = template.training_example(row_conversation(row, template))
+    if len(ids) > max_length:
         return None
-    labels = list(full_ids)
-    if loss_on == "response":
-        n_prompt = min(len(prompt_ids), len(full_ids) - 1)
-        labels[:n_prompt] = [IGNORE_INDEX] * n_prompt
-    return {"input_ids": full_ids, "labels": labels}
+    labels = list(ids) if loss_on == "all" else [i if keep else IGNORE_INDEX for i, keep in zip(ids, learnt)]
+    return {"input_ids": ids, "labels": labels}
 
 
-def tokenize_rows(tokenizer, rows: list[dict], max_length: int, loss_on: str) -> tuple[list[dict], DataReport]:
+def tokenize_rows(
+    tokenizer, rows: list[dict], max_length: int, loss_on: str, template: PromptTemplate | None = None
+) -> tuple[list[dict], DataReport]:
     report = DataReport(total=len(rows))
     out = []
     for row in rows:
-        item = tokenize_row(tokenizer, row, max_length, loss_on)
+        item = tokenize_row(tokenizer, row, max_length, loss_on, template)
         if item is None:
             report.dropped["over_max_length"] += 1
         else:

@@ -154,3 +154,66 @@ def test_workers_get_disjoint_shards_and_every_row_once_per_epoch():
     assert sorted(seen) == list(range(n))
     assert micro_batch_indices(n, 7, 3, 0, 1, bs, world, 1) == micro_batch_indices(n, 7, 3, 0, 1, bs, world, 1)
     assert micro_batch_indices(n, 7, 5, 0, 1, bs, world, 0) != micro_batch_indices(n, 7, 1, 0, 1, bs, world, 0)
+
+
+def test_messages_and_sharegpt_rows_are_read_and_bad_ones_counted(tmp_path):
+    turns = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]
+    rows = [
+        {"messages": [{"role": "system", "content": "S"}, *turns]},
+        {"messages": turns[:1]},
+        {"messages": [{"role": "robot", "content": "x"}, turns[1]]},
+        {"messages": [turns[0], {"role": "assistant", "content": " "}]},
+        {"messages": [turns[0], {"role": "assistant", "content": 7}]},
+        {"messages": [turns[1]]},
+        {"messages": []},
+        {"instruction": "Q", "output": "A"},  # another format in a messages source
+        {"messages": [turns[0], {"role": "assistant"}]},
+    ]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    kept, report = clean_rows(read_rows(str(path)))
+    assert kept == [{"messages": [{"role": "system", "content": "S"}, *turns]}] and report.format == "messages"
+    assert dict(report.dropped) == {
+        "not_ending_with_assistant": 1,
+        "unknown_role": 1,
+        "empty_content": 1,
+        "non_text_content": 1,
+        "no_user_turn": 1,
+        "missing_messages": 2,
+        "bad_turn": 1,
+    }
+    sharegpt = [
+        {
+            "conversations": [
+                {"from": "system", "value": "S"},
+                {"from": "human", "value": "Q"},
+                {"from": "gpt", "value": "A"},
+            ]
+        },
+        {"conversations": [{"from": "bot", "value": "A"}]},
+    ]
+    kept, report = clean_rows(sharegpt)
+    assert kept == [{"messages": [{"role": "system", "content": "S"}, *turns]}]
+    assert report.format == "conversations" and dict(report.dropped) == {"unknown_role": 1}
+    assert "1/2 conversations rows kept" in report.summary()
+
+
+def test_messages_rows_train_through_the_alpaca_template(tokenizer, tmp_path):
+    """With the seed's template a conversation's last answer is learnt, earlier turns fold into the input."""
+    from mistral_qa.config import DataConfig
+    from train.prepare import prepare_data
+
+    conversation = [
+        {"role": "user", "content": "Does screen time hurt sleep?"},
+        {"role": "assistant", "content": "It can."},
+        {"role": "user", "content": "Why?"},
+        {"role": "assistant", "content": "Blue light."},
+    ]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n".join(json.dumps({"messages": conversation}) for _ in range(4)) + "\n")
+    train, evals, report = prepare_data(DataConfig(source=str(path), eval_size=1), tokenizer)
+    assert len(train) == 3 and len(evals) == 1 and report.format == "messages"
+    item = train[0]
+    learnt = [t for t, label in zip(item["input_ids"], item["labels"]) if label != IGNORE_INDEX]
+    assert tokenizer.decode(learnt) == "Blue light.</s>"
+    assert "Assistant: It can." in tokenizer.decode(item["input_ids"])
