@@ -36,14 +36,14 @@ def engine():
 
 @pytest.fixture(scope="module")
 def references(engine) -> dict[str, list[int]]:
-    return {p: reference(engine._loaded.model, engine.tokenizer, p) for p in [*LONG, *SHORT]}
+    return {p: reference(engine.model, engine.tokenizer, p) for p in [*LONG, *SHORT]}
 
 
 def test_long_prompts_are_chunked_and_equal_generate(engine, references):
     """The first prompt (> 256 tokens) also grows the CPU cache between its chunks."""
     lengths = [engine.count_tokens(p) for p in LONG]
     assert lengths[0] > 256 and all(n > 2 * CHUNK for n in lengths)
-    runner = engine._scheduler._runner
+    runner = engine.runner
     calls = runner.stats.prefill_calls
     [c] = engine.generate([LONG[0]], PARAMS)
     assert runner.stats.prefill_calls - calls == -(-lengths[0] // CHUNK)  # one forward per chunk
@@ -55,7 +55,7 @@ def test_long_prompts_are_chunked_and_equal_generate(engine, references):
 def test_answers_do_not_depend_on_the_batch(engine, references, padded):
     """Long and short prompts together, more than the slots (rows leave, newcomers join, the long
     ones take turns in the chunking slot): every answer is the one it gets alone, and `generate`'s."""
-    runner = engine._scheduler._runner
+    runner = engine.runner
     runner.steps = DecodeSteps(runner.decoder, padded=padded, prefill_tokens=CHUNK)
     try:
         prompts = [LONG[0], SHORT[0], LONG[1], SHORT[1], LONG[1], SHORT[0]]
@@ -70,7 +70,7 @@ def test_answers_do_not_depend_on_the_batch(engine, references, padded):
 def test_running_rows_decode_between_chunks(engine, references):
     """Steps the runner from this thread (the engine thread is idle): a short request runs, then a long
     prompt arrives; the short one gets a token after every chunk of the long one."""
-    runner = engine._scheduler._runner
+    runner = engine.runner
     running = engine.make_request(SHORT[1], SamplingParams(max_tokens=64))
     long = engine.make_request(LONG[0], PARAMS)
     seen = []  # the running row's token count at each chunk

@@ -41,7 +41,7 @@ def reference(model, tokenizer, prompt: str) -> list[int]:
 
 def swap_steps(engine: Engine, **kwargs) -> DecodeSteps:
     """Give the engine's runner decode steps built with other options (e.g. GPU padding on CPU)."""
-    runner = engine._scheduler._runner
+    runner = engine.runner
     runner.steps = DecodeSteps(runner.decoder, **kwargs)
     return runner.steps
 
@@ -55,7 +55,7 @@ def engine():
 
 @pytest.fixture(scope="module")
 def references(engine):
-    return [reference(engine._loaded.model, engine.tokenizer, p) for p in PROMPTS]
+    return [reference(engine.model, engine.tokenizer, p) for p in PROMPTS]
 
 
 @pytest.mark.parametrize(
@@ -77,7 +77,7 @@ def test_padded_shapes_equal_generate(engine, references, compile):
 def test_rows_ending_on_eos_leave_mid_batch(engine, references):
     """A row that ends on an end-of-sequence token has already been given the next decode step (the
     runner launches it before reading the tokens): its extra token is dropped, the others go on exact."""
-    runner = engine._scheduler._runner
+    runner = engine.runner
     stop = references[0][5]  # an ordinary token made an EOS: the first answer ends at its sixth token
     saved = runner.eos_ids
     runner.eos_ids = saved | {stop}
@@ -106,14 +106,14 @@ def test_small_prefill_packs_equal_generate(references):
 
 
 def test_cache_grows_with_the_longest_sequence(engine, references):
-    decoder = engine._scheduler._runner.decoder
+    decoder = engine.runner.decoder
     assert decoder.cache.capacity <= 256
     long_prompt = build_prompt("Tell me about sleep. " * 60)
     n = engine.count_tokens(long_prompt)
     assert n > 256
     [c] = engine.generate([long_prompt], SamplingParams(max_tokens=MAX_NEW))
     assert decoder.cache.capacity >= n + MAX_NEW - 1
-    assert c.token_ids == reference(engine._loaded.model, engine.tokenizer, long_prompt)
+    assert c.token_ids == reference(engine.model, engine.tokenizer, long_prompt)
     [again] = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=MAX_NEW))
     assert again.token_ids == references[0]
 

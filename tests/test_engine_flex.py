@@ -81,14 +81,14 @@ def test_flex_engine_equals_generate(engine):
     rows, power-of-two attention rows): every answer is plain `generate`'s."""
     prompts = [build_prompt(q) for q in ["Hi", "Tell me about sleep. " * 60, "Is texting while walking dangerous?"]]
     assert engine.count_tokens(prompts[1]) > 2 * FLEX_BLOCK > 4 * engine.count_tokens(prompts[2])
-    model, tokenizer = engine._loaded.model, engine.tokenizer
+    model, tokenizer = engine.model, engine.tokenizer
     expected = []
     for prompt in prompts:
         inputs = tokenizer(prompt, return_tensors="pt")
         with torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False)
         expected.append(out[0, inputs["input_ids"].shape[1] :].tolist())
-    runner = engine._scheduler._runner
+    runner = engine.runner
     params = SamplingParams(max_tokens=MAX_NEW)
     exact = [c.token_ids for c in engine.generate(prompts, params)]
     runner.steps = DecodeSteps(runner.decoder, padded=True)
@@ -111,4 +111,4 @@ def test_auto_attention_is_flex_only_where_it_runs_compiled(engine):
     assert decode_attention(auto, cuda) == "flex" and decode_attention(auto, cpu) == "sdpa"
     assert decode_attention(EngineConfig(model=TINY, compile=False), cuda) == "sdpa"
     assert decode_attention(EngineConfig(model=TINY, decode_attention="flex"), cpu) == "flex"
-    assert engine._scheduler._runner.decoder.attention == "flex"
+    assert engine.runner.decoder.attention == "flex"

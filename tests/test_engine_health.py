@@ -10,7 +10,7 @@ import pytest
 
 from mistral_qa.config import ModelConfig
 from mistral_qa.engine import Engine, EngineConfig, EngineFailure, SamplingParams
-from mistral_qa.engine.scheduler import STEP_TIMEOUT_S
+from mistral_qa.engine.engine_thread import STEP_TIMEOUT_S
 
 TINY = ModelConfig(source="random", name="tiny-mistral")
 PARAMS = SamplingParams(max_tokens=4)
@@ -36,7 +36,7 @@ def test_healthy_engine_passes(engine):
 
 def test_a_stuck_step_is_unhealthy_until_it_ends(engine):
     """A request's callback blocks the engine thread inside a step (as a hung kernel would)."""
-    engine._scheduler.step_timeout_s = 0.2
+    engine.engine_thread.step_timeout_s = 0.2
     release, blocked, done = threading.Event(), threading.Event(), threading.Event()
 
     def on_delta(delta):
@@ -66,8 +66,7 @@ def test_a_dead_engine_thread_is_unhealthy_and_refuses_requests(engine):
 
     request.on_delta = on_delta
     engine.submit(request)
-    engine._scheduler._thread.join(30)
-    assert not engine._scheduler._thread.is_alive()
+    assert engine.engine_thread.join(30), "the engine thread should have died"
     with pytest.raises(EngineFailure, match="the engine thread died: Kill: boom"):
         engine.check_health()
     with pytest.raises(EngineFailure, match="thread died"):  # refused at once, not queued forever

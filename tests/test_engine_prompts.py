@@ -25,7 +25,7 @@ def run_directly(engine: Engine, requests: list[Request]) -> list:
     """Queue `requests` together and step the engine's runner from this thread until they are done:
     they are admitted in one step, so they share one prefill pack. The engine thread is idle (nothing
     was submitted to it), so only this thread touches the runner."""
-    runner = engine._scheduler._runner
+    runner = engine.runner
     results: list = [None] * len(requests)
     for i, request in enumerate(requests):
         request.on_delta = lambda d, i=i: results.__setitem__(i, d) if d.finished else None
@@ -39,7 +39,7 @@ def run_directly(engine: Engine, requests: list[Request]) -> list:
 
 def request(engine: Engine, ids: list[int]) -> Request:
     """A Request built directly, bypassing make_request's checks."""
-    return Request(ids, PARAMS, None, TextStream(engine._decoder, STOP_STRINGS), engine.device)
+    return Request(ids, PARAMS, None, TextStream(engine.tokenizer, STOP_STRINGS), engine.device)
 
 
 def test_empty_prompt_in_a_pack_fails_alone_and_reads_nothing(engine):
@@ -56,6 +56,6 @@ def test_empty_prompt_in_a_pack_fails_alone_and_reads_nothing(engine):
 
 
 def test_decoder_refuses_an_empty_prompt(engine):
-    decoder = engine._scheduler._runner.decoder
+    decoder = engine.runner.decoder
     with pytest.raises(ValueError, match="at least one token"):
         decoder.prefill([[1, 2, 3], []], 0, [-1, -1])

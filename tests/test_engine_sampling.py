@@ -55,7 +55,7 @@ def generate(engine, prompt: str, max_new: int, presence: float = 0.0, frequency
     n = inputs["input_ids"].shape[1]
     processors = LogitsProcessorList([OpenAIPenalties(n, presence, frequency)])
     with torch.no_grad():
-        out = engine._loaded.model.generate(
+        out = engine.model.generate(
             **inputs,
             max_new_tokens=max_new,
             do_sample=False,
@@ -128,7 +128,7 @@ def test_logprobs_streamed_and_batched_are_the_same(engine):
     batched = engine.generate(PROMPTS, params)[1]
     assert batched.token_ids == alone.token_ids
     assert [lp.logprob for lp in batched.logprobs] == pytest.approx([lp.logprob for lp in alone.logprobs], abs=1e-5)
-    runner = engine._scheduler._runner
+    runner = engine.runner
     runner.steps = DecodeSteps(runner.decoder, padded=True)
     try:
         [padded_alone] = engine.generate([PROMPTS[1]], params)

@@ -37,7 +37,7 @@ def tokens(engine, prompts):
 
 def test_graph_replay_equals_running_the_same_step_directly(engine):
     """CUDA graphs replay exactly the kernels of the compiled step: same tokens as running it uncaptured."""
-    runner = engine._scheduler._runner
+    runner = engine.runner
     fast = tokens(engine, PROMPTS)
     assert runner.steps.graphs, "decode steps should have been replayed from CUDA graphs"
     runner.steps = DecodeSteps(runner.decoder, use_graphs=False)  # keeps the compiled layer
@@ -50,7 +50,7 @@ def test_graph_replay_equals_running_the_same_step_directly(engine):
 
 def test_compiled_and_plain_layers_agree_on_the_first_tokens(engine):
     """Fused kernels round differently from the plain ops; greedy answers still start the same."""
-    runner = engine._scheduler._runner
+    runner = engine.runner
     compiled = runner.decoder.decode_layer
     fast = tokens(engine, PROMPTS[:8])
     runner.decoder.decode_layer = decode_layer  # the plain layer
@@ -71,7 +71,7 @@ def test_answers_do_not_depend_on_the_batch(engine):
 
 def test_float16_engine_follows_generate_on_the_first_tokens(engine):
     """fp16 kernels differ from transformers' in rounding; the first greedy tokens still agree."""
-    model, tok = engine._loaded.model, engine.tokenizer
+    model, tok = engine.model, engine.tokenizer
     inputs = tok(PROMPTS[0], return_tensors="pt").to("cuda")
     with torch.no_grad():
         ref = model.generate(**inputs, max_new_tokens=8, do_sample=False)[0, inputs["input_ids"].shape[1] :].tolist()
@@ -85,7 +85,7 @@ def test_packed_prefill_equals_one_attention_call_per_prompt(engine, monkeypatch
     not depend on what it is packed with."""
     from mistral_qa.engine import decoder as module
 
-    dec = engine._scheduler._runner.decoder
+    dec = engine.runner.decoder
     assert module.packed_attention(dec.device, dec.dtype)
     prompts = [engine.tokenizer(p)["input_ids"] for p in PROMPTS[:6]]
     assert len({len(p) for p in prompts}) > 1
@@ -101,7 +101,7 @@ def test_packed_prefill_equals_one_attention_call_per_prompt(engine, monkeypatch
 def test_chunked_prefill_follows_whole_prefill(engine):
     """A prompt prefilled in 32-token chunks (SDPA over the slot's cache with an offset causal mask)
     ends with the same last-token logits, within fp16 rounding, as prefilling it whole."""
-    dec = engine._scheduler._runner.decoder
+    dec = engine.runner.decoder
     prompt = engine.tokenizer(PROMPTS[4])["input_ids"]
     assert len(prompt) > 3 * 32
     whole = dec.prefill([prompt], 0, [-1], pad_tokens=1024, pad_rows=64)

@@ -25,7 +25,7 @@ class BreakableEngineLoader(EngineLoader):
 
     def __call__(self):
         engine = super().__call__()
-        runner = engine._scheduler._runner
+        runner = engine.runner
         step, add = runner.step, runner.add
         doomed = []
 

@@ -4,12 +4,18 @@
     engine = Engine(EngineConfig(adapters={"mobile-health": "outputs/quickstart/adapter"}))
     [answer] = engine.generate([build_prompt("Does phone use before bed hurt sleep?")], SamplingParams())
 
-Layout: config (EngineConfig) · request (SamplingParams, Completion, Delta, Request) · loading
-(base + adapters) · support (the model families it runs, by model_type) · decoder (the model's
-forward over a slot KV cache; packed and chunked prefill) · lora_rows (adapters per row) · graphs
-(decode steps, CUDA graphs) · sampling (penalties, top_k/top_p, logprobs) · grammar (structured
-output) · textstream (detokenising, stop strings) · runner (continuous batching steps) · stats
-(where the step loop's time goes) · scheduler (engine thread, health) · core (Engine) · errors.
+Layout, top down (vLLM's EngineCore -> Scheduler -> ModelRunner):
+  core (Engine: the public API) -> engine_thread (the step loop's thread, health) -> runner
+  (StepRunner: carries out each step's plans, samples, stops, streams) -> scheduler (which request
+  runs in which cache slot: DecodePlan, AdmissionPlan, SlotMove; "row i is slot i" lives there)
+  -> decoder (SlotDecoder: packed prefill, chunked prefill, decode) -> wiring (the Llama-family
+  layers over the model's modules; LayerDims, LayerTables) · attention (sdpa/flex decode, packed
+  varlen and per-prompt prefill, chunk) · kv_cache (KVCache) · lora_rows (adapters per row).
+  Beside them: config (EngineConfig) · request (SamplingParams, Completion, Delta, Request) ·
+  loading (base + adapters) · support (the model families it runs, by model_type) · graphs (decode
+  step shapes, CUDA graphs) · sampling (penalties, top_k/top_p, logprobs) · grammar (structured
+  output) · textstream (detokenising, stop strings) · stats (where the step loop's time goes) · errors.
+Hooks for tests and measurements: Engine.runner, Engine.model, Engine.engine_thread (see core).
 """
 
 from .config import BASE_NAME, EngineConfig

@@ -14,11 +14,11 @@ from ..prompt import STOP_STRINGS
 from . import loading
 from .config import BASE_NAME, EngineConfig
 from .decoder import SlotDecoder
+from .engine_thread import EngineThread
 from .errors import EngineError, EngineFailure, InvalidParameter, PromptTooLong, UnknownModel
 from .grammar import Grammars
 from .request import Completion, Delta, Request, SamplingParams
 from .runner import StepRunner
-from .scheduler import Scheduler
 from .stats import difference
 from .textstream import TextStream
 
@@ -68,11 +68,11 @@ class Engine:
         runner = StepRunner(
             decoder, adapters, cfg.max_batch_size, self.max_context, eos, cfg.compile, cfg.prefill_tokens
         )
-        self._scheduler = Scheduler(runner)
-        self._stats = runner.stats
+        self._runner = runner
+        self._thread = EngineThread(runner)
         # The engine thread detokenises while callers tokenise; fast tokenizers are not safe to share
         # across threads ("Already borrowed"), so the engine thread gets its own copy.
-        self._decoder = copy.deepcopy(self.tokenizer)
+        self._detokenizer = copy.deepcopy(self.tokenizer)
         self._grammars = Grammars(self.tokenizer, loaded.model.config.vocab_size)
         try:
             self._warm_up()
@@ -93,6 +93,24 @@ class Engine:
         return self._loaded.device
 
     @property
+    def model(self):
+        """The model as loaded (PEFT-wrapped when adapters are attached unmerged): what the engine's
+        decoder runs, for references such as transformers' `generate`. Read-only use."""
+        return self._loaded.model
+
+    @property
+    def runner(self) -> StepRunner:
+        """The step runner the engine thread drives (its decoder, decode steps, scheduler, stats): a
+        hook for tests and measurements. Call into it only while the engine answers nothing
+        (`pending == 0`) and from one thread; benchmarks/engine_probe.py builds on it."""
+        return self._runner
+
+    @property
+    def engine_thread(self) -> EngineThread:
+        """The thread that runs the step loop (health, step_timeout_s)."""
+        return self._thread
+
+    @property
     def model_names(self) -> list[str]:
         """Names a request may ask for: the base (unless an adapter is merged into it) and each adapter."""
         return self.adapter_names if self._loaded.merged else [self.base_name, *self.adapter_names]
@@ -100,18 +118,18 @@ class Engine:
     @property
     def pending(self) -> int:
         """Requests submitted and not finished yet (running or waiting)."""
-        return self._scheduler.pending
+        return self._thread.pending
 
     def check_health(self) -> None:
         """Raise EngineFailure (saying why) if the engine thread has died, the engine is closed, or a
-        step has been running longer than scheduler.STEP_TIMEOUT_S (stuck); else return. Cheap: for
+        step has been running longer than engine_thread.STEP_TIMEOUT_S (stuck); else return. Cheap: for
         serving's periodic health check. (Compiling and first CUDA graphs happen in the constructor.)"""
-        self._scheduler.check_health()
+        self._thread.check_health()
 
     def stats(self, since: dict[str, float] | None = None) -> dict[str, float]:
         """The step loop's counters (mistral_qa.engine.stats) since the engine started, or since an
         earlier `stats()` snapshot."""
-        now = self._stats.snapshot()
+        now = self._runner.stats.snapshot()
         return now if since is None else difference(now, since)
 
     def count_tokens(self, text: str) -> int:
@@ -137,12 +155,12 @@ class Engine:
         if len(ids) >= self.max_context:
             raise PromptTooLong(len(ids), self.max_context)
         grammar = self._grammars.compile(params.structured) if params.structured else None
-        text = TextStream(self._decoder, [*STOP_STRINGS, *params.stop])
+        text = TextStream(self._detokenizer, [*STOP_STRINGS, *params.stop])
         return Request(ids, params, key, text, self._loaded.device, grammar)
 
     def submit(self, request: Request) -> None:
         """Queue a request; request.on_delta is called from the engine thread for every new piece."""
-        self._scheduler.submit(request)
+        self._thread.submit(request)
 
     def generate(self, prompts: list[str], params: SamplingParams, adapter: str | None = None) -> list[Completion]:
         """Answer every prompt (any number); results in the order of `prompts`.
@@ -214,7 +232,7 @@ class Engine:
         raise EngineFailure(RuntimeError("the engine ended a request without a result"))
 
     def close(self) -> None:
-        self._scheduler.close()
+        self._thread.close()
 
 
 def _resolve_on_finish(future: concurrent.futures.Future):

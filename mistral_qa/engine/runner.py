@@ -1,14 +1,12 @@
-"""Continuous batching: one step = one decode step for every running sequence, then admit waiting
-requests (prefill, first token). Finished rows leave at once and their slots go to waiting
-requests at the next step, so a long answer never holds up short ones.
-
-A prompt longer than prefill_tokens is prefilled in chunks of that size, one chunk per step, in the
-last cache slot (kept free for it); running rows get a decode step between its chunks, so one long
-prompt never stalls the others' streams. It joins the running rows with its last chunk.
-
-Running request i lives in cache slot i (slots 0..n-1 are always the running ones: a finished
-row's slot is refilled by moving the last row into it). Every row carries its own adapter index,
-so one decode step serves the base and any mix of adapters. Only the engine thread calls in here.
+"""Continuous batching, executed: one step = one decode step for every running sequence, then admit
+waiting requests (prefill, first token). What runs where is the scheduler's plan (scheduler.py:
+running request i is in cache slot i); the runner carries the plans out on the decoder, samples,
+checks for the end of each answer, streams text and counts where the time goes. Finished rows leave
+at once and their slots go to waiting requests at the next step, so a long answer never holds up
+short ones. A long prompt is prefilled a chunk per step, with decode steps for the running rows
+between its chunks, so one long prompt never stalls the others' streams. Every row carries its own
+adapter index, so one decode step serves the base and any mix of adapters. Only the engine thread
+calls in here.
 
 Decode runs one step ahead of the host: step N+1 is launched with step N's tokens while they are
 still on the GPU, and only then are step N's tokens read, appended and streamed, so the GPU never
@@ -22,16 +20,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
-from collections.abc import Iterable
 
 import torch
 
 from .decoder import SlotDecoder
-from .errors import Cancelled, InvalidParameter
+from .errors import Cancelled
 from .graphs import PREFILL_TOKENS, DecodeSteps, host_longs
 from .request import Delta, Request, TokenLogprob
 from .sampling import Choice, HostLogprobs, choose, next_tokens
+from .scheduler import ChunkPlan, Scheduler, SlotMove
 from .stats import EngineStats
 
 log = logging.getLogger(__name__)
@@ -51,26 +48,22 @@ class StepRunner:
         self.decoder = decoder
         cuda = decoder.device.type == "cuda"
         self.steps = DecodeSteps(decoder, compile=compile and cuda, prefill_tokens=prefill_tokens)
-        self.adapter_index = {name: i for i, name in enumerate(adapters)}
+        self.scheduler = Scheduler(adapters, max_batch_size, max_context)
         self.max_batch_size = max_batch_size
         self.max_context = max_context
         self.eos_ids = eos_ids
-        self.waiting: deque[Request] = deque()
-        self.rows: list[Request] = []  # rows[i] is in cache slot i
-        self.partial: Request | None = None  # a long prompt being prefilled chunk by chunk, in the last slot
-        self.partial_done = 0  # its tokens in the cache so far
         self.in_flight: tuple[list[Request], Choice] | None = None  # a launched step: its rows, tokens
         self.stats = EngineStats()
 
     @property
     def running(self) -> int:
-        return len(self.rows)
+        return len(self.scheduler.rows)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.rows or self.in_flight or self.partial)
+        return bool(self.scheduler.has_work() or self.in_flight)
 
     def add(self, request: Request) -> None:
-        self.waiting.append(request)
+        self.scheduler.add(request)
 
     @torch.inference_mode()
     def step(self) -> None:
@@ -80,7 +73,7 @@ class StepRunner:
         started = time.perf_counter()
         self._drop_cancelled()
         previous, self.in_flight = self.in_flight, None
-        if previous is not None and any(r.grammar is not None for r in self.rows):
+        if previous is not None and any(r.grammar is not None for r in self.scheduler.rows):
             self._finish(previous)  # grammar masks need the previous token on the host: no running ahead
             previous = None
         launching = time.perf_counter()
@@ -97,40 +90,34 @@ class StepRunner:
         self._stream(collected)
         self.stats.text_s += time.perf_counter() - streaming
 
-    @staticmethod
-    def _cached(row: Request) -> int:
-        """Tokens of `row` in its cache slot before the step that feeds its newest collected token."""
-        return row.prompt_tokens + len(row.token_ids) - 1
+    def _move(self, moves: list[SlotMove]) -> None:
+        for move in moves:
+            self.decoder.cache.move(*move)
 
-    def _adapter(self, row: Request) -> int:
-        return self.adapter_index.get(row.adapter, -1)
+    def _remove(self, indices: list[int]) -> None:
+        self._move(self.scheduler.remove(indices))
 
     def _launch(self, previous: tuple[list[Request], Choice] | None) -> None:
-        """Launch a decode step for every running row. A row in the `previous` step (not collected
-        yet) is fed that step's token straight from the GPU, one position further on; a row admitted
-        since is fed its first token. A row the previous step ends by length is clamped to the cache's
-        last position: its step is wasted anyway."""
-        if not self.rows:
+        """Launch the scheduler's decode step (see Scheduler.plan_decode); a row in the `previous`
+        step is fed that step's token straight from the GPU."""
+        plan = self.scheduler.plan_decode(previous[0] if previous else None)
+        if plan is None:
             return
-        rows = list(self.rows)
-        ahead = {id(r): j for j, r in enumerate(previous[0])} if previous else {}
-        source = [ahead.get(id(r), -1) for r in rows]
-        positions = [min(self._cached(r) + (j >= 0), self.max_context - 1) for r, j in zip(rows, source, strict=True)]
         try:
             device = self.decoder.device
-            ids = host_longs([r.token_ids[-1] for r in rows], device).to(device, non_blocking=True)
-            if previous and any(j >= 0 for j in source):
-                index = host_longs(source, device).to(device, non_blocking=True)
+            ids = host_longs([r.token_ids[-1] for r in plan.rows], device).to(device, non_blocking=True)
+            if previous and any(j >= 0 for j in plan.feed_from):
+                index = host_longs(plan.feed_from, device).to(device, non_blocking=True)
                 ids = torch.where(index >= 0, previous[1].tokens[index.clamp(min=0)], ids)
-            logits = self.steps(ids, positions, [self._adapter(r) for r in rows])
-            tokens = choose(logits, rows)
+            logits = self.steps(ids, plan.positions, plan.adapters)  # slots 0..len(rows)-1: plan.slots
+            tokens = choose(logits, plan.rows)
         except Exception as err:  # a failed step fails its rows, never the engine
-            self._fail(rows, err)
-            self.rows = []
+            self._fail(plan.rows, err)
+            self.scheduler.clear_rows()
             return
-        self.in_flight = (rows, tokens)
-        longest = max(positions) + 1
-        self.stats.decode_step(len(rows), self.steps.shape(len(rows), longest)[2], longest)
+        self.in_flight = (plan.rows, tokens)
+        longest = max(plan.positions) + 1
+        self.stats.decode_step(len(plan.rows), self.steps.shape(len(plan.rows), longest)[2], longest)
 
     def _collect(self, launched: tuple[list[Request], Choice] | None) -> list[tuple[Request, str | None]]:
         """Read the tokens of a launched step; give each still-running row its token. Rows that EOS or
@@ -142,106 +129,79 @@ class StepRunner:
         try:
             tokens = tokens.read()
         except Exception as err:
-            self._fail(self.rows, err)
-            self.rows = []
+            self._fail(list(self.scheduler.rows), err)
+            self.scheduler.clear_rows()
             self.in_flight = None
             return []
         self.stats.gpu_wait_s += time.perf_counter() - waiting
-        running = {id(r) for r in self.rows}
+        running = {id(r) for r in self.scheduler.rows}
         collected = [
             (row, self._append(row, *token)) for row, token in zip(rows, tokens, strict=True) if id(row) in running
         ]
         ended = {id(row) for row, finish in collected if finish is not None}
-        self._remove([i for i, row in enumerate(self.rows) if id(row) in ended])
+        self._remove([i for i, row in enumerate(self.scheduler.rows) if id(row) in ended])
         return collected
 
     def _stream(self, collected: list[tuple[Request, str | None]]) -> None:
         ended = {id(row) for row, finish in collected if self._emit(row, finish)}
-        self._remove([i for i, row in enumerate(self.rows) if id(row) in ended])
+        self._remove([i for i, row in enumerate(self.scheduler.rows) if id(row) in ended])
 
     def _admit(self) -> None:
-        """Prefill waiting requests into free slots (short prompts in packs), and the next chunk of a
-        long prompt: one chunk per step, a long prompt at a time (the others wait their turn)."""
-        chosen: list[Request] = []
-        passed: list[Request] = []  # long prompts waiting for the chunking slot
-        while self.waiting and self.running + len(chosen) + (self.partial is not None) < self.max_batch_size:
-            request = self.waiting.popleft()
-            if request.cancelled:
-                request.on_delta(Delta("", error=Cancelled()))
-            elif not request.prompt_ids:  # make_request refuses these; a Request built by hand fails alone
-                request.on_delta(Delta("", error=InvalidParameter("prompt", "the prompt has 0 tokens")))
-            elif request.prompt_tokens <= self.steps.prefill_tokens:
-                chosen.append(request)
-            elif self.partial is None:
-                self.partial, self.partial_done = request, 0
-            else:
-                passed.append(request)
-        self.waiting.extendleft(reversed(passed))
-        for chunk in prefill_chunks(chosen, self.steps.prefill_tokens):
+        """Carry out the scheduler's admission plan: refusals, prefill packs, a long prompt's next chunk."""
+        plan = self.scheduler.plan_admission(self.steps.prefill_tokens)
+        for request, error in plan.refused:
+            request.on_delta(Delta("", error=error))
+        for pack in plan.packs:
             started = time.perf_counter()
-            self._prefill(chunk)
-            self.stats.prefill(len(chunk), sum(r.prompt_tokens for r in chunk), time.perf_counter() - started)
-        if self.partial is not None:
-            self._prefill_next_chunk()
+            self._prefill(pack)
+            self.stats.prefill(len(pack), sum(r.prompt_tokens for r in pack), time.perf_counter() - started)
+        if plan.chunk is not None:
+            self._prefill_chunk(plan.chunk)
 
-    def _prefill_next_chunk(self) -> None:
-        """Prefill the long prompt's next chunk into the last slot; with its last chunk it takes its
-        first token and joins the running rows (moved to the next free slot)."""
-        request, start, slot = self.partial, self.partial_done, self.max_batch_size - 1
-        chunk = request.prompt_ids[start : start + self.steps.prefill_tokens]
-        last = start + len(chunk) == request.prompt_tokens
+    def _prefill_chunk(self, chunk: ChunkPlan) -> None:
+        """Prefill the long prompt's next chunk into its slot; with its last chunk it takes its first
+        token and joins the running rows."""
+        request = chunk.request
         started = time.perf_counter()
         try:
-            padding = self.steps.prefill_padding(len(chunk))
-            logits = self.decoder.prefill_chunk(chunk, slot, start, self._adapter(request), *padding)
-            token = next_tokens(logits, [request])[0] if last else None
+            padding = self.steps.prefill_padding(len(chunk.ids))
+            adapter = self.scheduler.adapter(request)
+            logits = self.decoder.prefill_chunk(chunk.ids, chunk.slot, chunk.start, adapter, *padding)
+            token = next_tokens(logits, [request])[0] if chunk.last else None
         except Exception as err:
-            self.partial = None
+            self.scheduler.abandon_chunked()
             self._fail([request], err)
             return
         finally:
-            self.stats.prefill(int(last), len(chunk), time.perf_counter() - started)
-        self.partial_done = start + len(chunk)
-        if not last:
+            self.stats.prefill(int(chunk.last), len(chunk.ids), time.perf_counter() - started)
+        target, move = self.scheduler.chunk_done(chunk)
+        if not chunk.last:
             return
-        self.partial = None
-        target = len(self.rows)
-        if target != slot:
-            self.decoder.cache.move(slot, target, request.prompt_tokens)
-        self.rows.append(request)
+        self._move([move] if move else [])
         if self._emit(request, self._append(request, *token)):
             self._remove([target])
 
     def _prefill(self, requests: list[Request]) -> None:
-        first = len(self.rows)
+        first = len(self.scheduler.rows)  # the slot the pack's first prompt goes into (see Scheduler.join)
         total = sum(r.prompt_tokens for r in requests)
         try:
             logits = self.decoder.prefill(
                 [r.prompt_ids for r in requests],
                 first,
-                [self._adapter(r) for r in requests],
+                [self.scheduler.adapter(r) for r in requests],
                 *self.steps.prefill_padding(total),
             )
             tokens = next_tokens(logits, requests)
         except Exception as err:
             self._fail(requests, err)
             return
-        self.rows.extend(requests)
+        first = self.scheduler.join(requests)
         ended = [
             first + i
             for i, (r, t) in enumerate(zip(requests, tokens, strict=True))
             if self._emit(r, self._append(r, *t))
         ]
         self._remove(ended)
-
-    def _remove(self, indices: list[int]) -> None:
-        """Drop these rows, moving the last running row into each freed slot (with the token a step
-        in flight may be writing for it)."""
-        for i in sorted(indices, reverse=True):
-            last = self.rows.pop()
-            if i < len(self.rows):
-                self.decoder.cache.move(len(self.rows), i, min(self._cached(last) + 1, self.max_context))
-                self.rows[i] = last
 
     def _append(self, row: Request, token: int, logprobs: HostLogprobs | None = None) -> str | None:
         """Record one token (and its logprobs); the finish reason it brings (EOS, a completed grammar,
@@ -275,13 +235,10 @@ class StepRunner:
         return True
 
     def _drop_cancelled(self) -> None:
-        if self.partial is not None and self.partial.cancelled:
-            self.partial.on_delta(Delta("", error=Cancelled()))
-            self.partial = None
-        gone = [i for i, row in enumerate(self.rows) if row.cancelled]
-        for i in gone:
-            self.rows[i].on_delta(Delta("", error=Cancelled()))
-        self._remove(gone)
+        dropped, moves = self.scheduler.drop_cancelled()
+        for request in dropped:
+            request.on_delta(Delta("", error=Cancelled()))
+        self._move(moves)
 
     def _fail(self, rows: list[Request], err: Exception) -> None:
         if not rows:
@@ -291,23 +248,5 @@ class StepRunner:
             row.on_delta(Delta("", error=err))
 
     def fail_all(self, err: Exception) -> None:
-        self._fail([*self.waiting, *self.rows, *([self.partial] if self.partial else [])], err)
-        self.waiting.clear()
-        self.rows = []
-        self.partial = None
+        self._fail(self.scheduler.take_all(), err)
         self.in_flight = None
-
-
-def prefill_chunks(requests: list[Request], chunk_tokens: int) -> Iterable[list[Request]]:
-    """Consecutive runs of requests whose prompts together stay within chunk_tokens (each prompt
-    is at most chunk_tokens long: longer ones are prefilled in chunks)."""
-    chunk: list[Request] = []
-    total = 0
-    for request in requests:
-        if chunk and total + request.prompt_tokens > chunk_tokens:
-            yield chunk
-            chunk, total = [], 0
-        chunk.append(request)
-        total += request.prompt_tokens
-    if chunk:
-        yield chunk

@@ -1,127 +1,192 @@
-"""The engine thread: takes submitted requests from any thread and runs the step loop while there
-is work. Requests that arrive mid-generation join the running batch at the next step boundary.
+"""Which request runs in which cache slot, and what each step runs: the scheduler's plans, which the
+runner (runner.py) executes on the decoder. Only the engine thread calls in here.
 
-Health (`check_health`, for serving's health check): the thread must be alive, and no step may run
-longer than STEP_TIMEOUT_S (a hang). A thread that died is not restarted: its runner's state is
-unknown, so every later request fails at once with the reason, until the engine is replaced.
+The slot contract, in one place: running request i (`Scheduler.rows[i]`) lives in cache slot i, so
+slots 0..n-1 are always the running ones. A `DecodePlan` runs rows[i] in slot i; a prefill pack of
+k requests joins at slots n..n+k-1 (`join` says where); a finished row's slot is refilled by moving
+the last row into it (`remove` returns the `SlotMove`s to apply to the cache). A prompt longer than
+prefill_tokens is prefilled a chunk per step (`ChunkPlan`) in the last slot, kept free for it, and
+joins the running rows (moved to the next free slot) with its last chunk.
 """
 
 from __future__ import annotations
 
-import logging
-import queue
-import threading
-import time
+from collections import deque
+from collections.abc import Iterable
+from typing import NamedTuple
 
-from .errors import EngineFailure
-from .request import Delta, Request
-from .runner import StepRunner
+from .errors import Cancelled, EngineError, InvalidParameter
+from .request import Request
 
-log = logging.getLogger(__name__)
 
-_STOP = object()
-# The longest a step may run before the engine counts as stuck. Generous: compiling and capturing CUDA
-# graphs for the first shapes happens in Engine's constructor (its warm-up), but a new shape bucket met
-# later (more rows, a longer context) compiles or captures on first use, which can take tens of seconds.
-STEP_TIMEOUT_S = 120.0
+class SlotMove(NamedTuple):
+    """Copy the first `length` cached tokens of slot `source` into slot `target`."""
+
+    source: int
+    target: int
+    length: int
+
+
+class DecodePlan(NamedTuple):
+    """One decode step: rows[i] gets one new token in cache slot i (slots 0..len(rows)-1)."""
+
+    rows: list[Request]
+    positions: list[int]  # where each row's new token goes in its slot
+    feed_from: list[int]  # the row's token's index in the step in flight; -1: its last collected token
+    adapters: list[int]  # each row's adapter index (-1: the base)
+
+    @property
+    def slots(self) -> range:
+        return range(len(self.rows))
+
+
+class ChunkPlan(NamedTuple):
+    """The next chunk of the long prompt being prefilled: prompt tokens start.. into cache slot `slot`."""
+
+    request: Request
+    slot: int
+    start: int
+    ids: list[int]
+    last: bool  # its last chunk: the request takes its first token and joins the running rows
+
+
+class AdmissionPlan(NamedTuple):
+    refused: list[tuple[Request, EngineError]]  # leave now, with this error
+    packs: list[list[Request]]  # prefill packs, in order; each joins the rows where `join` says
+    chunk: ChunkPlan | None
 
 
 class Scheduler:
-    def __init__(self, runner: StepRunner, step_timeout_s: float = STEP_TIMEOUT_S):
-        self._runner = runner
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-        self.pending = 0  # submitted and not yet finished; read by serving for back-pressure
-        self.step_timeout_s = step_timeout_s
-        self.died: BaseException | None = None  # what ended the engine thread, if something did
-        self.closed = False
-        self._step_started: float | None = None  # monotonic time the running step began
+    def __init__(self, adapters: list[str], max_batch_size: int, max_context: int):
+        self.adapter_index = {name: i for i, name in enumerate(adapters)}
+        self.max_batch_size = max_batch_size
+        self.max_context = max_context
+        self.waiting: deque[Request] = deque()
+        self.rows: list[Request] = []  # rows[i] is in cache slot i
+        self.partial: Request | None = None  # a long prompt being prefilled chunk by chunk, in the last slot
+        self.partial_done = 0  # its tokens in the cache so far
 
-    def submit(self, request: Request) -> None:
-        """Queue a request; its on_delta is then called from the engine thread (or at once, with the
-        reason, when the engine thread has died or the engine is closed)."""
-        callback = request.on_delta
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
 
-        def on_delta(delta, callback=callback):
-            if delta.finished:
-                with self._lock:
-                    self.pending -= 1
-            callback(delta)
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.rows or self.partial)
 
-        with self._lock:  # under the lock: the thread's death (see _run) cannot slip between check and put
-            if self.died is not None or self.closed:
-                callback(Delta("", error=self._dead_error()))
-                return
-            request.on_delta = on_delta
-            self.pending += 1
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
-                self._thread.start()
-            self._inbox.put(request)
+    def adapter(self, row: Request) -> int:
+        return self.adapter_index.get(row.adapter, -1)
 
-    def check_health(self) -> None:
-        """Raise EngineFailure if the engine thread has died (or was closed) or a step has been
-        running longer than step_timeout_s; else return."""
-        if self.died is not None or self.closed:
-            raise self._dead_error()
-        started = self._step_started
-        if started is not None and time.monotonic() - started > self.step_timeout_s:
-            running = time.monotonic() - started
-            raise EngineFailure(
-                TimeoutError(f"a step has been running for {running:.1f} s (the bound is {self.step_timeout_s} s)")
-            )
+    @staticmethod
+    def cached(row: Request) -> int:
+        """Tokens of `row` in its cache slot before the step that feeds its newest collected token."""
+        return row.prompt_tokens + len(row.token_ids) - 1
 
-    def _dead_error(self) -> EngineFailure:
-        if self.closed:
-            return EngineFailure(RuntimeError("the engine is closed"))
-        return EngineFailure(RuntimeError(f"the engine thread died: {type(self.died).__name__}: {self.died}"))
+    def plan_decode(self, in_flight: list[Request] | None) -> DecodePlan | None:
+        """A decode step for every running row (None when none runs). A row in the step `in_flight`
+        (launched, not collected yet) is fed that step's token, one position further on; a row admitted
+        since is fed its first token. A row the in-flight step ends by length is clamped to the cache's
+        last position: its step is wasted anyway."""
+        if not self.rows:
+            return None
+        rows = list(self.rows)
+        ahead = {id(r): j for j, r in enumerate(in_flight)} if in_flight else {}
+        feed_from = [ahead.get(id(r), -1) for r in rows]
+        positions = [min(self.cached(r) + (j >= 0), self.max_context - 1) for r, j in zip(rows, feed_from, strict=True)]
+        return DecodePlan(rows, positions, feed_from, [self.adapter(r) for r in rows])
 
-    def close(self) -> None:
-        self.closed = True
-        if self._thread is not None and self._thread.is_alive():
-            self._inbox.put(_STOP)
-            self._thread.join(timeout=10)
+    def plan_admission(self, prefill_tokens: int) -> AdmissionPlan:
+        """Waiting requests for the free slots, short prompts (<= prefill_tokens) in packs of at most
+        prefill_tokens tokens; and the next chunk of a long prompt: one chunk per step, a long prompt
+        at a time (the others wait their turn)."""
+        refused: list[tuple[Request, EngineError]] = []
+        chosen: list[Request] = []
+        passed: list[Request] = []  # long prompts waiting for the chunking slot
+        while self.waiting and len(self.rows) + len(chosen) + (self.partial is not None) < self.max_batch_size:
+            request = self.waiting.popleft()
+            if request.cancelled:
+                refused.append((request, Cancelled()))
+            elif not request.prompt_ids:  # make_request refuses these; a Request built by hand fails alone
+                refused.append((request, InvalidParameter("prompt", "the prompt has 0 tokens")))
+            elif request.prompt_tokens <= prefill_tokens:
+                chosen.append(request)
+            elif self.partial is None:
+                self.partial, self.partial_done = request, 0
+            else:
+                passed.append(request)
+        self.waiting.extendleft(reversed(passed))
+        return AdmissionPlan(refused, list(prefill_chunks(chosen, prefill_tokens)), self._next_chunk(prefill_tokens))
 
-    def _run(self) -> None:
-        try:
-            self._loop()
-        except BaseException as err:  # not an Exception (those fail requests, not the loop): the thread ends
-            with self._lock:
-                self.died = err
-            log.critical("the engine thread died", exc_info=err)
-            try:
-                while True:  # what was queued and not taken yet
-                    item = self._inbox.get_nowait()
-                    if item is not _STOP:
-                        self._runner.add(item)
-            except queue.Empty:
-                pass
-            try:
-                self._runner.fail_all(EngineFailure(err))
-            finally:
-                raise
+    def _next_chunk(self, prefill_tokens: int) -> ChunkPlan | None:
+        request, start = self.partial, self.partial_done
+        if request is None:
+            return None
+        ids = request.prompt_ids[start : start + prefill_tokens]
+        return ChunkPlan(request, self.max_batch_size - 1, start, ids, start + len(ids) == request.prompt_tokens)
 
-    def _loop(self) -> None:
-        runner = self._runner
-        while True:
-            # Block only when idle; while generating, take whatever has arrived and keep stepping.
-            items = [self._inbox.get()] if not runner.has_work() else []
-            while True:
-                try:
-                    items.append(self._inbox.get_nowait())
-                except queue.Empty:
-                    break
-            for item in items:
-                if item is _STOP:
-                    runner.fail_all(RuntimeError("engine closed"))
-                    return
-                runner.add(item)
-            self._step_started = time.monotonic()
-            try:
-                runner.step()
-            except Exception as err:  # the loop must survive anything a step throws
-                log.exception("engine step failed")
-                runner.fail_all(err)
-            finally:
-                self._step_started = None
+    def join(self, requests: list[Request]) -> int:
+        """Add prefilled requests to the running rows; returns the slot of the first (the rest follow)."""
+        first = len(self.rows)
+        self.rows.extend(requests)
+        return first
+
+    def chunk_done(self, chunk: ChunkPlan) -> tuple[int, SlotMove | None]:
+        """Record a prefilled chunk. With the last one the request joins the running rows: returns
+        its row (= slot) and the move from the chunking slot into it (None if it is that slot)."""
+        self.partial_done = chunk.start + len(chunk.ids)
+        if not chunk.last:
+            return -1, None
+        self.partial = None
+        target = self.join([chunk.request])
+        return target, (SlotMove(chunk.slot, target, chunk.request.prompt_tokens) if target != chunk.slot else None)
+
+    def abandon_chunked(self) -> None:
+        """The long prompt failed: free the chunking slot."""
+        self.partial = None
+
+    def remove(self, indices: list[int]) -> list[SlotMove]:
+        """Drop these rows, moving the last running row into each freed slot (with the token a step
+        in flight may be writing for it); returns the moves, to apply to the cache in order."""
+        moves = []
+        for i in sorted(indices, reverse=True):
+            last = self.rows.pop()
+            if i < len(self.rows):
+                moves.append(SlotMove(len(self.rows), i, min(self.cached(last) + 1, self.max_context)))
+                self.rows[i] = last
+        return moves
+
+    def drop_cancelled(self) -> tuple[list[Request], list[SlotMove]]:
+        """Take out the cancelled requests (the long prompt, running rows); returns them and the moves."""
+        dropped = []
+        if self.partial is not None and self.partial.cancelled:
+            dropped.append(self.partial)
+            self.partial = None
+        gone = [i for i, row in enumerate(self.rows) if row.cancelled]
+        dropped += [self.rows[i] for i in gone]
+        return dropped, self.remove(gone)
+
+    def clear_rows(self) -> list[Request]:
+        """Drop every running row (their step failed); returns them."""
+        rows, self.rows = self.rows, []
+        return rows
+
+    def take_all(self) -> list[Request]:
+        """Every request the scheduler holds (waiting, running, the long prompt), leaving it empty."""
+        everyone = [*self.waiting, *self.rows, *([self.partial] if self.partial else [])]
+        self.waiting.clear()
+        self.rows = []
+        self.partial = None
+        return everyone
+
+
+def prefill_chunks(requests: list[Request], chunk_tokens: int) -> Iterable[list[Request]]:
+    """Consecutive runs of requests whose prompts together stay within chunk_tokens (each prompt
+    is at most chunk_tokens long: longer ones are prefilled in chunks)."""
+    chunk: list[Request] = []
+    total = 0
+    for request in requests:
+        if chunk and total + request.prompt_tokens > chunk_tokens:
+            yield chunk
+            chunk, total = [], 0
+        chunk.append(request)
+        total += request.prompt_tokens
+    if chunk:
+        yield chunk

@@ -1,12 +1,13 @@
-"""mistral_qa/engine/probe.py on the tiny Mistral (CPU): the decode step and the prefill pack run
+"""benchmarks/engine_probe.py on the tiny Mistral (CPU): the decode step and the prefill pack run
 alone, only while the engine is idle, and leave it answering as before."""
 
 from __future__ import annotations
 
 import pytest
 
+from benchmarks import engine_probe as probe
 from mistral_qa.config import ModelConfig
-from mistral_qa.engine import Engine, EngineConfig, SamplingParams, probe
+from mistral_qa.engine import Engine, EngineConfig, SamplingParams
 from mistral_qa.prompt import build_prompt
 
 TINY = ModelConfig(source="random", name="tiny-mistral")

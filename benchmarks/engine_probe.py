@@ -1,6 +1,7 @@
-"""The engine's two GPU workloads, one call each, for measuring them alone (serve.benchmark's
-profile): a decode step of `rows` running sequences, and one prefill pack. Only while the engine is
-idle: they write the KV cache of its first slots, which holds no request then."""
+"""The engine's two GPU workloads, one call each, for measuring them alone (engine_profile.py): a
+decode step of `rows` running sequences, and one prefill pack. Built on the engine's public hook
+`Engine.runner`; only while the engine is idle: they write the KV cache of its first slots, which
+holds no request then."""
 
 from __future__ import annotations
 
@@ -8,13 +9,13 @@ from collections.abc import Callable
 
 import torch
 
-from .core import Engine
+from mistral_qa.engine import Engine
 
 
 def _runner(engine: Engine):
     if engine.pending:
         raise RuntimeError("probe the engine only while it answers nothing")
-    return engine._scheduler._runner
+    return engine.runner
 
 
 def decode_step(engine: Engine, rows: int, context: int) -> Callable[[], None]:
