@@ -49,7 +49,7 @@ def engine():
 
 @pytest.fixture(scope="module")
 def references(engine) -> list[list[int]]:
-    return [reference(engine._loaded.model, engine.tokenizer, p) for p in PROMPTS]
+    return [reference(engine.model, engine.tokenizer, p) for p in PROMPTS]
 
 
 def test_single_prompt_equals_generate(engine, references):
