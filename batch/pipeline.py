@@ -1,4 +1,4 @@
-"""The Ray Data pipeline: read questions -> build prompts -> generate on an actor pool -> write Parquet.
+"""The Ray Data pipeline: read questions -> prompts and answers on an actor pool -> write Parquet.
 
 Everything streams: read tasks emit blocks, a streaming repartition cuts them into blocks of exactly
 `compute.batch_size` rows, the actor pool answers one such block a call, and the write operator turns
@@ -20,7 +20,7 @@ import ray
 from ray.data import ActorPoolStrategy, DataContext
 
 from mistral_qa.local_ray import start_ray
-from mistral_qa.prompt import build_prompt
+from mistral_qa.templates import AlpacaTemplate, PromptTemplate, instruction_prompt
 
 from .config import BatchJobConfig
 from .io import InputFiles, QuestionDatasource, check_question_column, list_inputs
@@ -35,10 +35,17 @@ class PreflightError(RuntimeError):
     """The job cannot start (e.g. it asks for GPUs the cluster lacks); raised before any work."""
 
 
-def build_prompts(batch: pa.Table) -> pa.Table:
-    """Add the training template's prompt to every answerable row (None where the row has an error)."""
+def build_prompts(batch: pa.Table, template: PromptTemplate | None = None) -> pa.Table:
+    """The batch with a prompt column in the adapter's template (alpaca when None) for every answerable
+    row (None where the row has an error); a prompt column already there is replaced."""
+    if template is None:
+        template = AlpacaTemplate(None)  # alpaca prompts are plain text: no tokenizer needed
     columns = [batch.column(name).to_pylist() for name in ("question", "context", "error")]
-    prompts = [None if err else build_prompt(q, ctx or "") for q, ctx, err in zip(*columns, strict=True)]
+    prompts = [
+        None if err else instruction_prompt(template, q, ctx or "") for q, ctx, err in zip(*columns, strict=True)
+    ]
+    if "prompt" in batch.column_names:
+        batch = batch.drop_columns(["prompt"])
     return batch.append_column("prompt", pa.array(prompts, pa.string()))
 
 
@@ -109,6 +116,11 @@ class Answerer:
         self.ready_stats = self.engine.stats()  # the warm-up (and its CUDA graph captures) is not the job's
         self.params = sampling_params(cfg)
         self.adapter = ADAPTER_NAME if cfg.adapter else None
+        from mistral_qa.adapters import adapter_templates  # here: the driver does not import torch
+
+        # Questions are asked in the template the adapter learned (training_config.yaml); the base: alpaca.
+        adapters = {ADAPTER_NAME: cfg.adapter} if cfg.adapter else {}
+        self.template = adapter_templates(adapters, self.engine.tokenizer).get(ADAPTER_NAME) if adapters else None
         self.retries = cfg.compute.batch_retries
         done = ray.get(done_ids) if isinstance(done_ids, ray.ObjectRef) else done_ids
         self.done = set(done.to_pylist())
@@ -119,7 +131,7 @@ class Answerer:
         }
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = [r for r in batch.to_pylist() if r["id"] not in self.done]
+        rows = [r for r in build_prompts(batch, self.template).to_pylist() if r["id"] not in self.done]
         for row in rows:
             row.update(answer="", finish_reason=None, prompt_tokens=None, completion_tokens=0)
             if row["error"] is None:
@@ -247,12 +259,11 @@ def actor_pool(cfg: BatchJobConfig) -> ActorPoolStrategy:
 
 
 def question_blocks(cfg: BatchJobConfig, files: InputFiles):
-    """The questions with their prompts, in blocks of exactly compute.batch_size rows (the last one
-    fewer): one block is one engine call. Left to itself Ray Data merges small blocks until a call is
-    full, so calls came a few rows over (each leaving a tiny extra call behind), and a whole
+    """The questions (the answerers add the prompts, in their adapter's template), in blocks of exactly
+    compute.batch_size rows (the last one fewer): one block is one engine call. Left to itself Ray Data
+    merges small blocks until a call is full, so calls came a few rows over (each leaving a tiny extra call behind), and a whole
     2,000-row file could reach one actor as one task while the rest of the pool sat idle."""
     ds = ray.data.read_datasource(QuestionDatasource(files, cfg.input))
-    ds = ds.map_batches(build_prompts, batch_format="pyarrow", batch_size=None)
     return ds.repartition(target_num_rows_per_block=cfg.compute.batch_size, strict=True)
 
 

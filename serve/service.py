@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from fastapi.responses import StreamingResponse
 from pydantic import Field
 
+from mistral_qa.adapters import adapter_templates
 from mistral_qa.config import StrictModel
 from mistral_qa.engine import (
     Completion,
@@ -29,7 +30,7 @@ from mistral_qa.engine import (
     Request,
     SamplingParams,
 )
-from mistral_qa.prompt import build_chat_prompt
+from mistral_qa.templates import DEFAULT_TEMPLATE, PromptTemplate, load_template
 
 from .compat import check_supported
 from .errors import OpenAIError, bad_request, from_engine, unavailable
@@ -90,13 +91,26 @@ def usage(c: Completion) -> Usage:
     )
 
 
-def chat_prompt(body: ChatCompletionRequest) -> str:
+def chat_prompt(body: ChatCompletionRequest, template: PromptTemplate) -> str:
+    """The request's conversation in the template of the model it asks for: chat maps every turn onto
+    the tokenizer's template; alpaca folds the system message and earlier turns into its ### Input."""
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
     if messages[-1]["role"] != "user":
         raise bad_request("messages: the last message must come from the user", param="messages")
     if not messages[-1]["content"].strip():
         raise bad_request("messages: the last user message is empty", param="messages")
-    return build_chat_prompt(messages)
+    try:
+        return template.prompt(messages)
+    except ValueError as err:  # e.g. a chat template that needs alternating user/assistant turns
+        raise bad_request(f"messages: {err}", param="messages") from None
+
+
+def serving_templates(engine: Engine) -> dict[str, PromptTemplate]:
+    """The template each served model answers chat requests with: an adapter's is the one it learned
+    (its training_config.yaml; one this tokenizer cannot render fails the replica at start), the
+    base model's is alpaca, as it always was."""
+    templates = adapter_templates(engine.cfg.adapters, engine.tokenizer)
+    return {engine.base_name: load_template(DEFAULT_TEMPLATE, engine.tokenizer), **templates}
 
 
 def completion_prompt(body: CompletionRequest) -> str:
@@ -138,6 +152,7 @@ class OpenAIService:
         self.in_flight = 0  # admitted and not finished: tokenising, waiting or generating
         # Prompts longer than this many characters cannot fit the context: refused without tokenising.
         self.max_prompt_chars = engine.max_context * longest_token_chars(engine.tokenizer)
+        self.templates = serving_templates(engine)
         # One thread: callers' tokenising stays off the event loop, and the tokenizer (not safe to
         # share between threads) is used by one thread at a time.
         self._tokenize = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tokenize")
@@ -216,7 +231,8 @@ class OpenAIService:
 
     async def chat(self, body: ChatCompletionRequest):
         params = self._params(body)
-        prompt = chat_prompt(body)
+        # An unknown model gets the base's template here and its 404 from the engine next.
+        prompt = chat_prompt(body, self.templates.get(body.model, self.templates[self.engine.base_name]))
         return await self._answer(body, prompt, params, "chat", "messages", self._chat_chunks, self._chat_reply)
 
     async def completions(self, body: CompletionRequest):

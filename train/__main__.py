@@ -64,14 +64,17 @@ def ask(adapter: Path, n: int) -> None:
     """Answer the first n questions of the project's question set with the fine-tuned adapter (greedy)."""
     import json
 
+    from mistral_qa.adapters import adapter_templates
     from mistral_qa.data import QUESTIONS
     from mistral_qa.engine import Engine, EngineConfig, SamplingParams
-    from mistral_qa.prompt import build_prompt
+    from mistral_qa.templates import instruction_prompt
 
     questions = [json.loads(line)["question"] for line in QUESTIONS.read_text().splitlines()[:n]]
     engine = Engine(EngineConfig(adapters={"tuned": str(adapter)}, device="cpu"))
     try:
-        answers = engine.generate([build_prompt(q) for q in questions], SamplingParams(max_tokens=160), adapter="tuned")
+        template = adapter_templates(engine.cfg.adapters, engine.tokenizer)["tuned"]  # the one it trained with
+        prompts = [instruction_prompt(template, q) for q in questions]
+        answers = engine.generate(prompts, SamplingParams(max_tokens=160), adapter="tuned")
     finally:
         engine.close()
     for question, answer in zip(questions, answers):
