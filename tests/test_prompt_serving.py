@@ -119,3 +119,43 @@ def test_an_adapter_whose_template_the_tokenizer_cannot_render_is_refused(tmp_pa
             OpenAIService(engine, settings)
     finally:
         engine.close()
+
+
+@pytest.mark.slow  # a Ray Train run of SmolLM2 (2 steps): a minute or two on 2 cores
+def test_a_chat_run_on_messages_data_records_its_template(ray_session, tmp_path):
+    import json
+
+    from mistral_qa.adapters import adapter_templates
+    from mistral_qa.config import TrainJobConfig
+    from mistral_qa.configio import load_config
+    from mistral_qa.data import clean_rows, read_rows
+    from mistral_qa.model import load_tokenizer
+    from train.launch import run_training
+
+    rows, _ = clean_rows(read_rows("builtin:mobile_health"))
+    data = tmp_path / "chat.jsonl"
+    with data.open("w") as f:
+        for a, b in zip(rows[:12], rows[12:24], strict=True):  # two-turn conversations
+            turns = [a["instruction"], a["output"], b["instruction"], b["output"]]
+            roles = ["user", "assistant"] * 2
+            f.write(json.dumps({"messages": [{"role": r, "content": t} for r, t in zip(roles, turns)]}) + "\n")
+    overrides = [
+        f"data.source={data}",
+        "data.template=chat",
+        "data.eval_size=2",
+        f"run.output_dir={tmp_path / 'outputs'}",
+        f"run.storage_path={tmp_path / 'ray'}",
+        "run.name=chat-messages",
+        "training.max_steps=2",
+        "training.eval_every=2",
+        "optim.warmup_steps=0",
+        "scaling.cpus_per_worker=1",
+    ]
+    cfg = load_config(TrainJobConfig, ROOT / "train" / "configs" / "quickstart.yaml", overrides)
+    adapter = run_training(cfg) / "adapter"
+    training = yaml.safe_load((adapter / "training_config.yaml").read_text())
+    assert training["data"]["template"] == "chat"
+    evals = [json.loads(line) for line in (adapter.parent / "metrics.jsonl").read_text().splitlines()]
+    assert any(m.get("eval_loss") is not None for m in evals)
+    templates = adapter_templates({"tuned": str(adapter)}, load_tokenizer(SMOLLM2))
+    assert templates["tuned"].name == "chat"
