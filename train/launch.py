@@ -22,7 +22,6 @@ from mistral_qa.config import TrainJobConfig
 from mistral_qa.configio import dump_config
 from mistral_qa.local_ray import start_ray
 from mistral_qa.model import load_tokenizer
-from mistral_qa.prompt import TEMPLATE_NAME
 
 from .checkpoint import ADAPTER_DIR, read_history
 from .loop import train_loop_per_worker
@@ -111,7 +110,7 @@ def write_outputs(cfg: TrainJobConfig, checkpoint_dir: Path, tokenizer) -> Path:
     tokenizer.save_pretrained(adapter)
     resolved = dump_config(cfg)
     (out / "config.yaml").write_text(resolved)
-    (adapter / "training_config.yaml").write_text(f"prompt_template: {TEMPLATE_NAME}\n{resolved}")
+    (adapter / "training_config.yaml").write_text(f"prompt_template: {cfg.data.template}\n{resolved}")
     history = read_history(checkpoint_dir)
     write_metrics(history, out / "metrics.jsonl")
     plot_losses(history, out / "loss_curve.png", f"{cfg.run.name}: {cfg.model.name}")
