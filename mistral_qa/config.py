@@ -153,6 +153,37 @@ class RunSettings(StrictModel):
         return value
 
 
+class MlflowSettings(StrictModel):
+    uri: str = Field(
+        description="Tracking URI: http(s)://host:port of an MLflow server (credentials from MLFLOW_TRACKING_* "
+        "environment variables only), or a local folder / sqlite:/// store."
+    )
+    experiment: str = Field("mistral-qa", min_length=1, description="MLflow experiment (created when missing).")
+
+
+class TensorBoardSettings(StrictModel):
+    log_dir: str = Field(description="Folder for event files; each run writes to log_dir/<run.name>.")
+
+
+class WandbSettings(StrictModel):
+    project: str = Field("mistral-qa", min_length=1, description="W&B project name.")
+    mode: Literal["offline"] = Field(
+        "offline", description="offline only: runs are written under dir and uploaded later with `wandb sync`."
+    )
+    dir: str = Field("outputs/wandb", description="Folder for W&B's offline run files (dir/wandb/offline-run-*).")
+
+
+class TrackingConfig(StrictModel):
+    mlflow: MlflowSettings | None = Field(None, description="Log to MLflow (None: off).")
+    tensorboard: TensorBoardSettings | None = Field(None, description="Write TensorBoard event files (None: off).")
+    wandb: WandbSettings | None = Field(None, description="Log to Weights & Biases, offline (None: off).")
+    required: bool = Field(
+        True,
+        description="true: a tracking backend unreachable at start fails the run before training; false: "
+        "warn that tracking is off for it and train without it.",
+    )
+
+
 class EngineSettings(StrictModel):
     """How the generation engine runs (serve and batch share these; EngineConfig adds what it loads)."""
 
@@ -194,6 +225,9 @@ class TrainJobConfig(StrictModel):
     training: TrainingConfig = Field(default_factory=TrainingConfig, description="Loop settings.")
     scaling: ScalingSettings = Field(default_factory=ScalingSettings, description="Ray Train workers.")
     run: RunSettings = Field(default_factory=RunSettings, description="Names, storage and fault tolerance.")
+    tracking: TrackingConfig = Field(
+        default_factory=TrackingConfig, description="Experiment tracking: MLflow, TensorBoard, W&B (several at once)."
+    )
 
     @model_validator(mode="after")
     def _check_combinations(self) -> TrainJobConfig:

@@ -29,6 +29,7 @@ from .optim import build_optimizer, build_scheduler
 from .prepare import prepare_data
 from .report import progress_line
 from .step import autocast, backward, build_trainable, make_batch, optimizer_step, peak_memory_gib
+from .tracking import IDS_KEY, Trackers, open_trackers
 
 log = logging.getLogger("train")
 
@@ -221,10 +222,22 @@ class Worker:
 
 def train_loop_per_worker(config: dict) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    config = dict(config)
+    tracking_ids = config.pop(IDS_KEY, {})  # resolved by the driver (train/tracking.py: open_runs)
     cfg = TrainJobConfig.model_validate(config)
     worker = Worker(cfg)
     worker.restore()
-    tc = cfg.training
+    tracker = open_trackers(cfg, tracking_ids, worker.step + 1) if worker.rank == 0 else None
+    try:
+        train(worker, tracker)
+    finally:
+        if tracker is not None:
+            tracker.close()
+
+
+def train(worker: Worker, tracker: Trackers | None) -> None:
+    """Steps from the restored position to max_steps; rank 0 logs each one (tracker: rank 0 only)."""
+    tc = worker.cfg.training
     started, first_step = time.monotonic(), worker.step + 1
     while worker.step < tc.max_steps:
         record = worker.train_step()
@@ -232,6 +245,8 @@ def train_loop_per_worker(config: dict) -> None:
         if worker.step % tc.eval_every == 0 or worker.step == tc.max_steps:
             record["eval_loss"] = worker.evaluate()
         worker.history.append(record)
+        if tracker is not None:
+            tracker.log(record)
         if worker.rank == 0 and (worker.step % tc.log_every == 0 or "eval_loss" in record):
             line = progress_line(worker.step, tc.max_steps, record, started, first_step)
             log.info(line + (f" | eval loss {record['eval_loss']:.4f}" if "eval_loss" in record else ""))
