@@ -82,11 +82,12 @@ def _probe_http(uri: str) -> None:
 
 def _open_mlflow_run(cfg: TrainJobConfig, run_id: str | None) -> str:
     """Create the MLflow run (params = the resolved config), or re-open run_id when resuming."""
-    from mlflow.tracking import MlflowClient
-
     settings = cfg.tracking.mlflow
     if settings.uri.startswith(("http://", "https://")):
-        _probe_http(settings.uri)
+        _probe_http(settings.uri)  # before importing mlflow (seconds on a busy machine)
+    from mlflow.entities import Param
+    from mlflow.tracking import MlflowClient
+
     client = MlflowClient(tracking_uri=settings.uri)
     try:
         params = flat_params(cfg)
@@ -103,8 +104,6 @@ def _open_mlflow_run(cfg: TrainJobConfig, run_id: str | None) -> str:
         run_id = client.create_run(exp_id, run_name=cfg.run.name).info.run_id
         items = list(params.items())
         for i in range(0, len(items), 100):  # log_batch takes at most 100 params per call
-            from mlflow.entities import Param
-
             client.log_batch(run_id, params=[Param(k, v) for k, v in items[i : i + 100]])
         return run_id
     except Exception as err:  # MlflowException, connection and auth errors alike
