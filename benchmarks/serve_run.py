@@ -6,7 +6,8 @@ closer to real traffic). Every answer must equal its prompt's answer when it ran
 
 from __future__ import annotations
 
-from ..ready import wait_until_ready
+from serve.ready import wait_until_ready
+
 from .loadgen import LoadResult, StreamResult, closed_loop, summarize
 from .workload import BenchPrompt
 

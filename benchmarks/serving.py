@@ -2,10 +2,10 @@
 engine behind the real Ray Serve HTTP endpoint under concurrent streaming clients, LoRA adapter costs,
 and the real Ray Data batch job, all on the same random-weight model.
 
-    python -m serve.benchmark --json-out results.json --md-out results.md            # Mistral-7B shape, GPU
-    python -m serve.benchmark --phases engine,serve --concurrency 32 --requests 128
-    python -m serve.benchmark --phases serve --serve-ramp-s 5                        # spread starts over 5 s
-    python -m serve.benchmark --model-name tiny-mistral --device cpu --concurrency 4 --requests 8 \
+    python -m benchmarks.serving --json-out results.json --md-out results.md            # Mistral-7B shape, GPU
+    python -m benchmarks.serving --phases engine,serve --concurrency 32 --requests 128
+    python -m benchmarks.serving --phases serve --serve-ramp-s 5                        # spread starts over 5 s
+    python -m benchmarks.serving --model-name tiny-mistral --device cpu --concurrency 4 --requests 8 \
         --max-tokens 16 --hf-new-tokens 8 --batch-questions 40 --batch-gpus 0         # a CPU smoke run
 
 The serve phase times its load twice on one deployment, --requests requests each: "burst", all
@@ -18,7 +18,7 @@ the staggered run.
 The engine phase also times --max-batch-size requests submitted at once in process, with the
 engine's own step-loop figures (ms and rows per decode step; seconds launching, waiting for the
 GPU, streaming text, prefilling), and profiles the engine's GPU work alone (--profile-steps,
-serve/bench/engine_profile.py): a decode step at 1 and at --max-batch-size sequences and one
+benchmarks/engine_profile.py): a decode step at 1 and at --max-batch-size sequences and one
 prefill pack, by kernel category, with optional chrome traces (--profile-trace-dir).
 
 Phases run in this order: engine, adapters, serve, batch, hf (the baselines last: they are the
@@ -37,8 +37,8 @@ import time
 import traceback
 from pathlib import Path
 
-from .bench import gpu
-from .bench.report import render, table_rows, write_outputs
+from . import gpu
+from .serving_report import render, table_rows, write_outputs
 
 ROOT = Path(__file__).resolve().parents[1]
 PHASES = ("engine", "adapters", "serve", "batch", "hf")  # the order they run in
@@ -47,7 +47,7 @@ DEFAULT_ALPACA = ROOT.parent / "shared" / "data" / "alpaca_en_demo.json"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m serve.benchmark", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m benchmarks.serving", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--phases", default=",".join(PHASES), help="comma-separated subset of " + ",".join(PHASES))
     p.add_argument(
@@ -139,7 +139,7 @@ class Bench:
         from mistral_qa.config import ModelConfig
         from mistral_qa.model import load_tokenizer
 
-        from .bench.workload import bench_prompts, token_counter
+        from .workload import bench_prompts, token_counter
 
         self.args, self.work = args, work
         self.model_cfg = ModelConfig(source="random", name=args.model_name)
@@ -204,10 +204,10 @@ class Bench:
 
 def phase_engine(b: Bench) -> dict:
     from mistral_qa.engine import Engine
-    from mistral_qa.profiling import format_summary
 
-    from .bench.engine_profile import profile_engine
-    from .bench.engine_runs import full_batch, single_stream
+    from .engine_profile import profile_engine
+    from .engine_runs import full_batch, single_stream
+    from .profiling import format_summary
 
     a = b.args
     with gpu.TorchPeak() as peak:
@@ -241,7 +241,7 @@ def phase_engine(b: Bench) -> dict:
 
 
 def phase_adapters(b: Bench) -> dict:
-    from .bench.adapters import run_adapter_costs
+    from .adapter_costs import run_adapter_costs
 
     a = b.args
     with gpu.TorchPeak() as peak:
@@ -258,7 +258,7 @@ def phase_adapters(b: Bench) -> dict:
 
 
 def phase_serve(b: Bench) -> dict:
-    from .bench import serve_run
+    from . import serve_run
 
     a = b.args
     b.ray_address()
@@ -289,8 +289,8 @@ def batch_actor_counts(b: Bench) -> list[int]:
 
 
 def phase_batch(b: Bench) -> dict:
-    from .bench.batch_run import job_overrides, run_batch_job
-    from .bench.workload import write_alpaca_questions
+    from .batch_job import job_overrides, run_batch_job
+    from .workload import write_alpaca_questions
 
     a = b.args
     questions = b.work / "questions.jsonl"
@@ -327,7 +327,7 @@ def phase_batch(b: Bench) -> dict:
 def phase_hf(b: Bench) -> dict:
     import torch
 
-    from .bench.hf_baselines import run_hf_baselines
+    from .baselines.hf_generate import run_hf_baselines
 
     a = b.args
     device = torch.device("cuda" if b.cuda else "cpu")

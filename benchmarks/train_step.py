@@ -1,16 +1,16 @@
 """Speed of the training step: what a careful user of transformers runs against this project's step.
 
-    python -m train.benchmark --data ../shared/data/alpaca_en_demo.json --compile      # Mistral-7B shape, 1 GPU
-    python -m train.benchmark --compile --batch-tokens 8192 --skip-baseline --json-out bench.json
-    python -m train.benchmark --model-name tiny-mistral --data builtin:mobile_health --device cpu --steps 3 \
+    python -m benchmarks.train_step --data ../shared/data/alpaca_en_demo.json --compile      # Mistral-7B shape, 1 GPU
+    python -m benchmarks.train_step --compile --batch-tokens 8192 --skip-baseline --json-out bench.json
+    python -m benchmarks.train_step --model-name tiny-mistral --data builtin:mobile_health --device cpu --steps 3 \
         --warmup 1 --largest-batches 16                                          # the CPU smoke run
-    python -m train.benchmark --skip-baseline --check-rows 0 --profile 3 --profile-trace step.json.gz  # where B's time goes
-    python -m train.benchmark --skip-baseline --batch-tokens 0 --grouped-rows   # B on 8 grouped rows: the step alone
+    python -m benchmarks.train_step --skip-baseline --check-rows 0 --profile 3 --profile-trace step.json.gz  # where B's time goes
+    python -m benchmarks.train_step --skip-baseline --batch-tokens 0 --grouped-rows   # B on 8 grouped rows: the step alone
 
 In one process on one device, on the same rows (Alpaca prompt + output, truncated at --max-length),
 the same base weights (model.source=random, seed 0) and LoRA r=16 on q_proj/v_proj:
 
-  A1-A3. baselines: transformers Trainer, fp16, paged AdamW 32-bit, lr 2e-4 cosine (train/hf_baseline.py):
+  A1-A3. baselines: transformers Trainer, fp16, paged AdamW 32-bit, lr 2e-4 cosine (benchmarks/baselines/hf_trainer.py):
      A1 --baseline-batch rows in random order, padded to the longest (the reference recipe);
      A2 the same rows per batch with transformers' own length grouping (group_by_length);
      A3 the largest of --largest-batches that fits, length-grouped (tried largest first; a size
@@ -19,16 +19,16 @@ the same base weights (model.source=random, seed 0) and LoRA r=16 on q_proj/v_pr
      length-grouped batches, no attention mask, lm_head only on labelled positions, --compile;
   B'. B's batches timed a second time (--no-second-pass skips it): the first visit of a batch shape
      can cost more than later ones (compilation guards, allocator growth, per-shape kernel plans);
-  C. per-token losses of B's path against HF's forward on --check-rows rows (train/agreement.py).
+  C. per-token losses of B's path against HF's forward on --check-rows rows (benchmarks/agreement.py).
 
-Every phase is timed the same way (train/bench_report.py): --warmup untimed steps, then --steps
+Every phase is timed the same way (benchmarks/train_report.py): --warmup untimed steps, then --steps
 steps each timed on its own (the device synchronised at its end); it reports the median step and
 its p10-p90 spread, non-padding tokens/s over all timed steps and of the median step, padding, MFU
 (LoRA: (4N + 12 L d T) FLOPs per token, N the matmul weights incl. lm_head, T the row's length; fp16
 dense peak of the card) and peak memory; speed-ups are quoted against the strongest baseline. Each
 phase starts from an empty device (memory freed, peak reset), and --json-out is rewritten after each
 phase, so a run cut short keeps what it measured. Exits 1 when C's losses disagree. --profile N then
-runs N of B's timed batches again under torch.profiler (mistral_qa/profiling.py) and prints the time
+runs N of B's timed batches again under torch.profiler (benchmarks/profiling.py) and prints the time
 per kernel category, per step part and of the top kernels.
 """
 
@@ -46,17 +46,17 @@ from pathlib import Path
 import torch
 from torch.profiler import record_function
 
-from mistral_qa import profiling
 from mistral_qa.config import DataConfig, LoraSettings, ModelConfig, TrainingConfig, TrainJobConfig
 from mistral_qa.data import clean_rows, read_rows
 from mistral_qa.model import RANDOM_SHAPES, load_tokenizer
 from mistral_qa.prompt import build_prompt
+from train.batches import GroupedRowsSchedule, TokenBudgetSchedule, micro_batch_indices, step_seed
+from train.optim import build_optimizer, build_scheduler
+from train.step import autocast, backward, build_trainable, make_batch, optimizer_step, peak_memory_gib
 
-from . import agreement, hf_baseline
-from .batches import GroupedRowsSchedule, TokenBudgetSchedule, micro_batch_indices, step_seed
-from .bench_report import Result, table
-from .optim import build_optimizer, build_scheduler
-from .step import autocast, backward, build_trainable, make_batch, optimizer_step, peak_memory_gib
+from . import agreement, profiling
+from .baselines import hf_trainer
+from .train_report import Result, table
 
 LORA = LoraSettings(r=16, alpha=32, dropout=0.05, target_modules=["q_proj", "v_proj"])
 PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0}  # dense fp16/bf16
@@ -79,7 +79,9 @@ def non_negative(text: str) -> int:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m train.benchmark", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m benchmarks.train_step",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model-name", choices=sorted(RANDOM_SHAPES), default="mistral-7b", help="random-weights shape")
     p.add_argument("--data", default="../shared/data/alpaca_en_demo.json", help="Alpaca rows (file or builtin:...)")
@@ -195,7 +197,7 @@ def run_baselines(args, model_cfg: ModelConfig, items: list[dict], tokenizer, de
 
     def trainer(batch_size: int, grouped: bool):
         fresh_device(device)
-        return hf_baseline.run_trainer(
+        return hf_trainer.run_trainer(
             model_cfg, LORA, items, tokenizer, batch_size, grouped, args.warmup, args.steps, args.seed, device
         )
 
@@ -211,7 +213,7 @@ def run_baselines(args, model_cfg: ModelConfig, items: list[dict], tokenizer, de
     if "grouped" in args.baselines:
         done(result(f"A2 Trainer, {n} rows, group_by_length", *trainer(n, grouped=True)))
     if "largest" in args.baselines:
-        size, timed, oom = hf_baseline.largest_that_fits(
+        size, timed, oom = hf_trainer.largest_that_fits(
             args.largest_batches, lambda b: trainer(b, grouped=True), lambda: fresh_device(device)
         )
         done(result(f"A3 Trainer, {size} rows, group_by_length", *timed, notes={"out_of_memory": oom}))

@@ -1,5 +1,5 @@
 """Where the engine's GPU time goes: its decode step (1 sequence and a full batch) and a prefill
-pack, each run alone under torch.profiler (mistral_qa/profiling.py). For a decode step that is a
+pack, each run alone under torch.profiler (benchmarks/profiling.py). For a decode step that is a
 CUDA graph's replay on CUDA: the idle share is then the gaps between the graph's kernels."""
 
 from __future__ import annotations
@@ -7,7 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from mistral_qa.engine import Engine, probe
-from mistral_qa.profiling import profile_steps
+
+from .profiling import profile_steps
 
 
 def profile_engine(

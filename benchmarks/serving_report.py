@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mistral_qa import profiling as P
+from . import profiling as P
 
 ORDER = ("hf", "engine", "serve", "adapters", "batch")
 
@@ -132,7 +132,7 @@ def adapter_rows(r: dict) -> list[tuple]:
 
 
 def _engine_step_rows(who: str, s: dict | None) -> list[tuple]:
-    """The actors' engines from the inside (serve/bench/batch_run.py's engine_steps): busy time per
+    """The actors' engines from the inside (benchmarks/batch_job.py's engine_steps): busy time per
     decode step and where it went; none for a log without those lines."""
     if not s or not s["steps"]:
         return []

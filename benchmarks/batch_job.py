@@ -15,9 +15,10 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from mistral_qa.engine.stats import summary
-from mistral_qa.profiling import Work, merged_length
 
-ROOT = Path(__file__).resolve().parents[2]
+from .profiling import Work, merged_length
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def job_overrides(model_name: str, actors: int, gpus_per_actor: float, engine: dict, max_tokens: int) -> list[str]:

@@ -1,8 +1,8 @@
 """Scaling: run the same training job with 1, 2, 4, ... workers and compare their throughput.
 
-    python -m train.scaling --config train/configs/mistral7b_random.yaml --workers 1 2 4 --steps 60 \\
+    python -m benchmarks.scaling --config train/configs/mistral7b_random.yaml --workers 1 2 4 --steps 60 \\
         data.source=.device/alpaca_en_demo.json                                     # GPUs
-    python -m train.scaling --config train/configs/tiny.yaml --workers 1 2 --steps 8 --warmup 2   # CPU, a minute
+    python -m benchmarks.scaling --config train/configs/tiny.yaml --workers 1 2 --steps 8 --warmup 2   # CPU, a minute
 
 Each worker count is a full `python -m train` run (run_training) under its own run name, evaluating
 and checkpointing only at its last step. The batch per worker stays fixed, so the global batch grows
@@ -25,8 +25,7 @@ from mistral_qa.config import TrainJobConfig
 from mistral_qa.configio import ConfigError, load_config
 from mistral_qa.data import DataSourceError
 from mistral_qa.model import ModelLoadError
-
-from .report import read_metrics
+from train.report import read_metrics
 
 COLUMNS = (
     ("workers", "workers", "{}"),
@@ -39,7 +38,7 @@ COLUMNS = (
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m train.scaling", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m benchmarks.scaling", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--config", required=True, help="training YAML (train/configs/)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to run, in order")
@@ -93,7 +92,7 @@ def run_scaling(args: argparse.Namespace) -> list[dict]:
     """One training run per worker count (the largest checked against the cluster first); a row each."""
     import ray
 
-    from .launch import check_resources, run_training  # imports Ray: only once the arguments are read
+    from train.launch import check_resources, run_training  # imports Ray: only once the arguments are read
 
     name = load_config(TrainJobConfig, args.config, args.overrides).run.name
     stamp = time.strftime("%Y%m%d-%H%M%S")  # a fresh run name each time: the same name would resume
@@ -113,7 +112,7 @@ def run_scaling(args: argparse.Namespace) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from .launch import PreflightError
+    from train.launch import PreflightError
 
     try:
         rows = run_scaling(args)

@@ -1,4 +1,4 @@
-"""`python -m serve.benchmark` on CPU with the tiny Mistral and tiny sizes: every phase runs for real
+"""`python -m benchmarks.serving` on CPU with the tiny Mistral and tiny sizes: every phase runs for real
 (the Engine in process, random LoRA adapters, Ray Serve over HTTP with streaming clients, the Ray
 Data batch job as its own process, plain transformers), and its JSON and markdown hold every phase's
 figures with the serve phase's answers equal to each prompt's answer alone, for clients starting
@@ -23,12 +23,12 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from serve.bench.loadgen import LoadResult, StreamResult, closed_loop, percentile
-from serve.bench.report import render, table_rows
-from serve.bench.serve_run import check_against_reference, run_serve_load
-from serve.bench.workload import QUESTIONS, BenchPrompt, bench_prompts, token_counter, write_alpaca_questions
+from benchmarks.loadgen import LoadResult, StreamResult, closed_loop, percentile
+from benchmarks.serve_run import check_against_reference, run_serve_load
+from benchmarks.serving_report import render, table_rows
+from benchmarks.workload import QUESTIONS, BenchPrompt, bench_prompts, token_counter, write_alpaca_questions
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +203,12 @@ def tiny_benchmark(tmp_path_factory) -> tuple[dict, str, str]:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own Ray, not the test session's
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     proc = subprocess.run(
-        [sys.executable, "-m", "serve.benchmark", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+        [sys.executable, "-m", "benchmarks.serving", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return json.loads((tmp / "out" / "bench.json").read_text()), (tmp / "out" / "bench.md").read_text(), proc.stdout
@@ -309,7 +314,7 @@ def test_batch_job_figures(tiny_benchmark):
 
 def test_engine_rate_counts_an_actors_overlapping_calls_once():
     """Calls of one actor overlap (compute.calls_per_actor): its answering time is their union."""
-    from serve.bench.batch_run import engine_calls
+    from benchmarks.batch_job import engine_calls
 
     prefix = "\x1b[36m(MapWorker(MapBatches(Answerer)) pid={})\x1b[0m "
     log = "\n".join(
@@ -329,7 +334,7 @@ def test_engine_rate_counts_an_actors_overlapping_calls_once():
 def test_engine_step_counters_take_each_actors_last_cumulative_line():
     """The "engine since ready" lines are cumulative per actor: the one with the most steps is the
     actor's total (threads may log out of order); the actors' totals add up, means weighted by steps."""
-    from serve.bench.batch_run import engine_calls
+    from benchmarks.batch_job import engine_calls
 
     prefix = "\x1b[36m(MapWorker(MapBatches(Answerer)) pid={})\x1b[0m "
     line = (

@@ -1,6 +1,6 @@
 """Where the time of a step goes: a few steps under torch.profiler, summarised by kernel category.
 
-Used by `python -m train.benchmark --profile N` (a training step) and `python -m serve.benchmark`'s
+Used by `python -m benchmarks.train_step --profile N` (a training step) and `python -m benchmarks.serving`'s
 profile phase (the engine's decode step and prefill). On CUDA the summary is about device work
 (kernels, memcpy, memset): the GPU is busy where any of it runs (intervals merged across streams) and
 idle otherwise, so the idle share is what the CPU side (Python, launches, syncs) or the gaps between a

@@ -1,4 +1,4 @@
-"""train/benchmark.py on CPU with the tiny Mistral: every phase (three Trainer baselines, the project's
+"""benchmarks/train_step.py on CPU with the tiny Mistral: every phase (three Trainer baselines, the project's
 step twice, the loss check) runs and is timed the same way, the grouped baseline really groups, and the
 report names the strongest baseline. The search for the largest batch that fits is tested on its own."""
 
@@ -13,18 +13,18 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.baselines import hf_trainer
+from benchmarks.train_report import Result, speedups
+from benchmarks.train_step import LORA, load_items, parse_args
 from mistral_qa.model import ModelConfig, load_tokenizer
-from train import hf_baseline
-from train.bench_report import Result, speedups
-from train.benchmark import LORA, load_items, parse_args
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--model-name", "tiny-mistral", "--data", "builtin:mobile_health", "--device", "cpu", "--max-length", "256"]
 
 
 def run_benchmark(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
-    command = [sys.executable, "-m", "train.benchmark", *TINY, *args]
+    command = [sys.executable, "-m", "benchmarks.train_step", *TINY, *args]
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
 
 
@@ -71,7 +71,7 @@ def test_the_grouped_trainer_baseline_groups_by_length():
     cpu = torch.device("cpu")
 
     def padding(grouped: bool) -> float:
-        seconds, batches = hf_baseline.run_trainer(model_cfg, LORA, items, tokenizer, 8, grouped, 1, 2, 0, cpu)
+        seconds, batches = hf_trainer.run_trainer(model_cfg, LORA, items, tokenizer, 8, grouped, 1, 2, 0, cpu)
         assert len(seconds) == 2 and all(s > 0 for s in seconds) and len(batches) == 2
         return 1 - sum(sum(lengths) for lengths, _ in batches) / sum(padded for _, padded in batches)
 
@@ -88,11 +88,11 @@ def test_the_largest_batch_that_fits_is_found_largest_first():
             raise torch.OutOfMemoryError(f"{size} rows")
         return f"ran {size}"
 
-    size, result, out_of_memory = hf_baseline.largest_that_fits([16, 40, 24, 32], run, lambda: cleaned.append(1))
+    size, result, out_of_memory = hf_trainer.largest_that_fits([16, 40, 24, 32], run, lambda: cleaned.append(1))
     assert (size, result, out_of_memory) == (24, "ran 24", [40, 32])
     assert tried == [40, 32, 24] and len(cleaned) == 2  # memory freed after each failure
     with pytest.raises(torch.OutOfMemoryError, match="no batch size"):
-        hf_baseline.largest_that_fits([32, 40], run, lambda: None)
+        hf_trainer.largest_that_fits([32, 40], run, lambda: None)
 
 
 def step_result(name: str, seconds: list[float], tokens_per_step: int, baseline: bool) -> Result:

@@ -1,4 +1,4 @@
-"""The usual transformers recipe, timed step by step: the baseline of train/benchmark.py.
+"""The usual transformers recipe, timed step by step: the baseline of benchmarks/train_step.py.
 
 `transformers.Trainer` + PEFT LoRA with the reference settings: fp16 mixed precision on CUDA (fp32
 on CPU), optim="paged_adamw_32bit", lr 2e-4 cosine, a fixed number of rows per batch padded to the

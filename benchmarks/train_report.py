@@ -1,4 +1,4 @@
-"""What train/benchmark.py reports for each phase, and its table.
+"""What benchmarks/train_step.py reports for each phase, and its table.
 
 Every phase (each Trainer baseline and the project's step) is timed the same way: one wall-clock time
 per optimiser step, taken after the device finished it, over the timed steps that follow the warm-up.

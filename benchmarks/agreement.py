@@ -13,9 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from mistral_qa.data import IGNORE_INDEX, collate
-
-from .batches import TokenBudgetSchedule
-from .step import CausalLMLoss, autocast, make_batch
+from train.batches import TokenBudgetSchedule
+from train.step import CausalLMLoss, autocast, make_batch
 
 ABS_TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 

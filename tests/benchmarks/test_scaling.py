@@ -1,4 +1,4 @@
-"""python -m train.scaling on real Ray (local, CPU): one tiny training run per worker count, one table."""
+"""python -m benchmarks.scaling on real Ray (local, CPU): one tiny training run per worker count, one table."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import json
 
 import pytest
 
+from benchmarks.scaling import add_efficiency, main, summarise
 from tests.conftest import ROOT
 from train.report import read_metrics
-from train.scaling import add_efficiency, main, summarise
 
 
 def test_medians_leave_out_the_warmup_and_efficiency_is_per_worker():

@@ -1,5 +1,5 @@
-"""mistral_qa/profiling.py: kernel names to categories, the summary of (synthetic) CUDA events, and
-`python -m train.benchmark --profile` end to end on CPU with the tiny Mistral."""
+"""benchmarks/profiling.py: kernel names to categories, the summary of (synthetic) CUDA events, and
+`python -m benchmarks.train_step --profile` end to end on CPU with the tiny Mistral."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import pytest
 from torch.autograd import DeviceType
 from torch.autograd.profiler_util import FunctionEvent
 
-from mistral_qa import profiling as P
+from benchmarks import profiling as P
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 KERNELS = [
     ("sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize128x256x64", P.MATMUL),
@@ -117,7 +117,12 @@ def test_benchmark_profiles_the_project_step_on_cpu(tmp_path):
     args += ["--profile-trace", str(trace), "--json-out", str(out)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run(
-        [sys.executable, "-m", "train.benchmark", *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300
+        [sys.executable, "-m", "benchmarks.train_step", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     assert "profile: 2 steps under torch.profiler, CPU ops (self time)" in result.stdout
