@@ -165,7 +165,7 @@ class Answerer:
     def _log_engine_stats(self) -> None:
         """Where the engine's time went since it was ready, cumulative: calls overlap
         (compute.calls_per_actor), so a window of one call would hold the other call's steps too; the
-        actor's last line is its total. serve/bench/batch_run.py parses this line. ms/step is the
+        actor's last line is its total. benchmarks/batch_job.py parses this line. ms/step is the
         step loop's busy time (prefill included) per decode step; context is the mean cache columns
         attention read per step (its padded shape) against the mean longest row."""
         from mistral_qa.engine.stats import summary  # here: the driver does not import the engine (torch)

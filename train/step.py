@@ -1,6 +1,6 @@
 """One training step without Ray: the trainable module, the batch, the loss, backward, optimiser step.
 
-Used by the Ray Train workers (train/loop.py) and by the speed benchmark (train/benchmark.py), so the
+Used by the Ray Train workers (train/loop.py) and by the speed benchmark (benchmarks/train_step.py), so the
 benchmark times the code that trains. What makes it fast without changing what is learned:
 
 - Batches are right-padded and reach the model WITHOUT an attention mask. Under causal attention a
