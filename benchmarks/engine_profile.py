@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mistral_qa.engine import Engine, probe
+from mistral_qa.engine import Engine
 
+from . import engine_probe as probe
 from .profiling import profile_steps
 
 
