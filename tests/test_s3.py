@@ -106,6 +106,7 @@ def losses(metrics: Path) -> list[float]:
     return [json.loads(line)["train_loss"] for line in metrics.read_text().splitlines() if "train_loss" in line]
 
 
+@pytest.mark.slow  # two training runs, each with its own local Ray: minutes on 2 cores
 def test_training_checkpoints_to_the_bucket_and_resumes_from_it_after_a_failure(s3_env, tmp_path):
     train_tiny(s3_env, tmp_path / "clean", "run.name=clean")
     train_tiny(s3_env, tmp_path / "failed", "run.name=failed", "run.fail_at_step=4", "run.max_failures=1")
