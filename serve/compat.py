@@ -2,7 +2,7 @@
 not implemented. A refused field passes only when absent, null, or at the one value that changes
 nothing (n 1, echo false, an empty logit_bias...), so clients that send defaults keep working.
 
-The README's compatibility table (serving section) lists every field; tests/test_serve_compat.py
+The README's compatibility table (serving section) lists every field; tests/serve/test_serve_compat.py
 checks each row of it against the server.
 """
 

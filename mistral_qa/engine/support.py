@@ -1,5 +1,5 @@
 """Which model families the engine runs: an explicit list of transformers `config.model_type`s,
-each with a parity test against `generate` (tests/test_engine_support.py).
+each with a parity test against `generate` (tests/engine/test_model_families.py).
 
 The decoder re-does the model's wiring from its modules (decoder.py), so a family that keeps
 Llama's module names but changes the arithmetic (Granite scales embeddings, residuals, attention

@@ -14,7 +14,7 @@ import requests
 
 from serve.protocol import ChatCompletionRequest, CompletionRequest
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 BASE = {
     "chat": {"model": "tiny", "messages": [{"role": "user", "content": "Is a phone in bed bad for sleep?"}]},

@@ -98,7 +98,7 @@ def render_kustomization(folder: Path) -> list[dict]:
     """The resources `kubectl kustomize folder` prints, as dicts."""
     kustomization = yaml.safe_load((folder / "kustomization.yaml").read_text())
     unsupported = set(kustomization) - SUPPORTED
-    assert not unsupported, f"kustomization uses {unsupported}: extend tests/test_k8s_kustomize.py"
+    assert not unsupported, f"kustomization uses {unsupported}: extend tests/deploy/test_k8s_kustomize.py"
     docs = [
         copy.deepcopy(doc)
         for name in kustomization["resources"]

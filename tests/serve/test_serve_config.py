@@ -16,7 +16,7 @@ from serve.app import ChatServer, build_app, load_settings
 from serve.auth import load_api_key
 from serve.service import ServeSettings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "serve" / "config.yaml"
 
 

@@ -29,7 +29,7 @@ import requests
 
 from cluster.local_cluster import ClusterState, node_group
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 QUESTIONS = "mistral_qa/assets/questions.jsonl"
 # Fewer steps than tiny.yaml's 20: the point here is where the workers run and what they write.

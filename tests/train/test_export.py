@@ -14,7 +14,7 @@ import torch
 from mistral_qa.prompt import build_prompt
 from train.export import main as export_main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 QUESTIONS = ["Does phone use before bed hurt sleep?", "How should I hold my phone to protect my neck?"]
 
 

@@ -11,7 +11,7 @@ import pytest
 from mistral_qa.config import TrainJobConfig
 from mistral_qa.configio import ConfigError, load_config, parse_override
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TRAIN_CONFIGS = sorted((ROOT / "train" / "configs").glob("*.yaml"))
 
 

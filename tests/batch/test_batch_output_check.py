@@ -11,7 +11,7 @@ import pytest
 from batch.__main__ import main
 from batch.output import OutputError, check_output
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "batch" / "configs" / "tiny.yaml"
 READ_ONLY = Path("/sys/kernel")  # read-only even for root (the tests may run as root, where chmod binds nothing)
 

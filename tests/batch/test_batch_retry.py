@@ -18,7 +18,7 @@ from batch.pipeline import Summary, run_batch
 from batch.retry import drop_failed_rows
 from mistral_qa.configio import load_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "batch" / "configs" / "tiny.yaml"
 
 

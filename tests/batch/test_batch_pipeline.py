@@ -26,7 +26,7 @@ from batch.pipeline import Answerer, build_prompts, run_batch
 from mistral_qa.configio import load_config
 from mistral_qa.engine.stats import EngineStats
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "batch" / "configs" / "tiny.yaml"
 
 

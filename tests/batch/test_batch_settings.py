@@ -20,7 +20,7 @@ from mistral_qa.configio import ConfigError, load_config
 from mistral_qa.engine.stats import EngineStats
 from mistral_qa.sampling import SamplingParams
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "batch" / "configs" / "tiny.yaml"
 SETTINGS = [
     "generation.temperature=0.7",

@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "batch" / "configs" / "tiny.yaml"
 
 # A driver whose child starts a grandchild and exits, as the raylet's agents outlive the raylet.

@@ -81,7 +81,7 @@ def test_stopped_run_resumes_under_the_same_name(tiny_run, tmp_path):
     assert losses(run_training(cfg)) == losses(tiny_run)
 
 
-@pytest.mark.slow  # two Ray runs (~2 min); the schedule's determinism is covered by tests/test_batches.py
+@pytest.mark.slow  # two Ray runs (~2 min); the schedule's determinism is covered by tests/train/test_batch_schedule.py
 def test_token_budget_run_restarts_from_checkpoint_with_identical_losses(ray_session, tmp_path):
     """training.batch_tokens: length-grouped batches on 2 workers; a worker failing at step 5 restarts the
     group from the step-3 checkpoint, and the run ends with the losses of an uninterrupted run, bit for bit."""
@@ -102,7 +102,7 @@ def test_data_with_no_trainable_rows_fails_once_before_ray_starts(tmp_path):
     import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     args = ["data.max_length=16", f"run.output_dir={tmp_path / 'out'}", f"run.storage_path={tmp_path / 'ray'}"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     result = subprocess.run(

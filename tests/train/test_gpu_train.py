@@ -1,7 +1,7 @@
 """The training job on CUDA GPUs through Ray Train with the tiny Mistral: fp16 on 1 and 2 GPUs, QLoRA,
 DeepSpeed ZeRO-2. Skipped without a GPU (marker `gpu`); about a minute per test.
 
-    python -m pytest -q tests/test_gpu_train.py
+    python -m pytest -q tests/train/test_gpu_train.py
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def test_nf4_base_on_the_gpu_is_close_to_the_fp16_one():
     with torch.no_grad():
         exact, approx = full(ids).logits.float(), quantized(ids).logits.float()
     error = float((approx - exact).norm() / exact.norm())
-    assert 0 < error < 0.5, error  # ~0.34 on CPU in fp32 (tests/test_model_quant.py); unrelated models ~1.4
+    assert 0 < error < 0.5, error  # ~0.34 on CPU in fp32 (tests/train/test_qlora_model.py); unrelated models ~1.4
 
 
 def test_qlora_on_one_gpu_learns(gpu_ray, tmp_path):

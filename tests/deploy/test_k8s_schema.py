@@ -20,7 +20,7 @@ import jsonschema
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CRDS = Path(os.environ.get("MISTRAL_QA_KUBERAY_CRDS") or ROOT.parent / "shared" / "kuberay" / "crds")
 CRD_FILES = {
     "RayCluster": "ray.io_rayclusters.yaml",

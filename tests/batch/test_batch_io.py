@@ -24,7 +24,7 @@ from batch.output import (
 )
 from mistral_qa.configio import ConfigError, load_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BATCH_CONFIGS = sorted((ROOT / "batch" / "configs").glob("*.yaml"))
 
 
