@@ -63,13 +63,15 @@ def make_engine(cfg: BatchJobConfig):
 
 
 def sampling_params(cfg: BatchJobConfig):
-    """Every generation setting, as the engine takes them (the engine adds the template's own stop strings)."""
+    """Every generation setting, as the engine takes them (the template's own stop strings go with each call)."""
     from mistral_qa.engine import SamplingParams
 
     return SamplingParams(**cfg.generation.model_dump())
 
 
-def generate_with_retries(engine, prompts: list[str], params, adapter: str | None, retries: int) -> list:
+def generate_with_retries(
+    engine, prompts: list[str], params, adapter: str | None, retries: int, template_stop: tuple[str, ...] = ()
+) -> list:
     """Completions for `prompts`, in order; a row that still fails on its own gets its exception instead.
 
     A failing engine batch is retried `retries` times, then answered row by row, so one poisoned
@@ -79,14 +81,14 @@ def generate_with_retries(engine, prompts: list[str], params, adapter: str | Non
         return []
     for attempt in range(retries + 1):
         try:
-            return engine.generate(prompts, params, adapter=adapter)
+            return engine.generate(prompts, params, adapter=adapter, template_stop=template_stop)
         except Exception as err:  # any engine failure is retried, then isolated per row
             log.warning("engine batch of %d failed (attempt %d/%d): %r", len(prompts), attempt + 1, retries + 1, err)
             _free_accelerator_memory()
     results: list = []
     for prompt in prompts:
         try:
-            results.extend(engine.generate([prompt], params, adapter=adapter))
+            results.extend(engine.generate([prompt], params, adapter=adapter, template_stop=template_stop))
         except Exception as err:
             results.append(err)
     return results
@@ -120,7 +122,8 @@ class Answerer:
 
         # Questions are asked in the template the adapter learned (training_config.yaml); the base: alpaca.
         adapters = {ADAPTER_NAME: cfg.adapter} if cfg.adapter else {}
-        self.template = adapter_templates(adapters, self.engine.tokenizer).get(ADAPTER_NAME) if adapters else None
+        found = adapter_templates(adapters, self.engine.tokenizer).get(ADAPTER_NAME) if adapters else None
+        self.template = found or AlpacaTemplate(None)  # its stop strings end each answer too
         self.retries = cfg.compute.batch_retries
         done = ray.get(done_ids) if isinstance(done_ids, ray.ObjectRef) else done_ids
         self.done = set(done.to_pylist())
@@ -139,7 +142,7 @@ class Answerer:
         todo = [r for r in rows if r["error"] is None]
         started = time.time()
         results = generate_with_retries(
-            self.engine, [r["prompt"] for r in todo], self.params, self.adapter, self.retries
+            self.engine, [r["prompt"] for r in todo], self.params, self.adapter, self.retries, self.template.stop
         )
         ended = time.time()
         tokens = sum(r.completion_tokens for r in results if not isinstance(r, Exception))

@@ -217,11 +217,16 @@ class OpenAIService:
             )
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._tokenize, self.engine.make_request, prompt, params, model)
+            stop = self._template(model).stop  # e.g. Alpaca's "\n###": the engine knows no template
+            return await loop.run_in_executor(self._tokenize, self.engine.make_request, prompt, params, model, stop)
         except PromptTooLong as err:
             raise bad_request(str(err), param=prompt_param, code="context_length_exceeded") from None
         except EngineError as err:
             raise from_engine(err) from None
+
+    def _template(self, model: str) -> PromptTemplate:
+        """The template `model` learned; an unknown model gets the base's here and its 404 from the engine next."""
+        return self.templates.get(model, self.templates[self.engine.base_name])
 
     def _finished(self, request: Request, model: str, completion: Completion) -> None:
         if self.metrics:
@@ -231,8 +236,7 @@ class OpenAIService:
 
     async def chat(self, body: ChatCompletionRequest):
         params = self._params(body)
-        # An unknown model gets the base's template here and its 404 from the engine next.
-        prompt = chat_prompt(body, self.templates.get(body.model, self.templates[self.engine.base_name]))
+        prompt = chat_prompt(body, self._template(body.model))
         return await self._answer(body, prompt, params, "chat", "messages", self._chat_chunks, self._chat_reply)
 
     async def completions(self, body: CompletionRequest):

@@ -8,9 +8,8 @@ import concurrent.futures
 import copy
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
-from ..prompt import STOP_STRINGS
 from . import loading
 from .config import BASE_NAME, EngineConfig
 from .decoder import SlotDecoder
@@ -146,8 +145,14 @@ class Engine:
             raise UnknownModel(name, self.model_names)
         return name
 
-    def make_request(self, prompt: str, params: SamplingParams, adapter: str | None = None) -> Request:
-        """Check and tokenise one prompt (raises EngineError subclasses); submit it with submit/stream."""
+    def make_request(
+        self, prompt: str, params: SamplingParams, adapter: str | None = None, template_stop: Sequence[str] = ()
+    ) -> Request:
+        """Check and tokenise one prompt (raises EngineError subclasses); submit it with submit/stream.
+
+        template_stop: the stop strings of the prompt's template (PromptTemplate.stop, e.g. Alpaca's
+        "\n###"), which the caller knows and the engine does not; params.stop adds the request's own.
+        """
         key = self.adapter_key(adapter)
         ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
         if not ids:  # e.g. "" with a tokenizer that adds no BOS: there is no token to continue from
@@ -155,20 +160,22 @@ class Engine:
         if len(ids) >= self.max_context:
             raise PromptTooLong(len(ids), self.max_context)
         grammar = self._grammars.compile(params.structured) if params.structured else None
-        text = TextStream(self._detokenizer, [*STOP_STRINGS, *params.stop])
+        text = TextStream(self._detokenizer, [*template_stop, *params.stop])
         return Request(ids, params, key, text, self._loaded.device, grammar)
 
     def submit(self, request: Request) -> None:
         """Queue a request; request.on_delta is called from the engine thread for every new piece."""
         self._thread.submit(request)
 
-    def generate(self, prompts: list[str], params: SamplingParams, adapter: str | None = None) -> list[Completion]:
+    def generate(
+        self, prompts: list[str], params: SamplingParams, adapter: str | None = None, template_stop: Sequence[str] = ()
+    ) -> list[Completion]:
         """Answer every prompt (any number); results in the order of `prompts`.
 
         Prompts are queued shortest first so that batches hold prompts of similar length; the
         engine decodes up to max_batch_size of them together and refills slots as answers end.
         """
-        requests = [self.make_request(p, params, adapter) for p in prompts]
+        requests = [self.make_request(p, params, adapter, template_stop) for p in prompts]
         futures = [concurrent.futures.Future() for _ in requests]
         for request, future in zip(requests, futures, strict=True):
             request.on_delta = _resolve_on_finish(future)

@@ -76,7 +76,7 @@ class FlakyEngine:
     def stats(self, since=None) -> dict:
         return EngineStats().snapshot()
 
-    def generate(self, prompts, params, adapter=None):
+    def generate(self, prompts, params, adapter=None, template_stop=()):
         self.calls += 1
         if len(prompts) > 1 and tuple(prompts) not in self.seen:
             self.seen.add(tuple(prompts))
@@ -162,10 +162,10 @@ class RecordingEngine:
     def __getattr__(self, name):
         return getattr(self.engine, name)
 
-    def generate(self, prompts, params, adapter=None):
+    def generate(self, prompts, params, adapter=None, template_stop=()):
         started = time.time()
         try:
-            return self.engine.generate(prompts, params, adapter=adapter)
+            return self.engine.generate(prompts, params, adapter=adapter, template_stop=template_stop)
         finally:
             with self.record.open("a") as f:
                 f.write(f"{started} {time.time()}\n")

@@ -32,10 +32,10 @@ class PoisonedEngine:
     def __getattr__(self, name):
         return getattr(self.engine, name)
 
-    def generate(self, prompts, params, adapter=None):
+    def generate(self, prompts, params, adapter=None, template_stop=()):
         if any("POISON" in p for p in prompts):
             raise RuntimeError("poisoned row")
-        return self.engine.generate(prompts, params, adapter=adapter)
+        return self.engine.generate(prompts, params, adapter=adapter, template_stop=template_stop)
 
 
 def poisoned_engine(cfg: BatchJobConfig) -> PoisonedEngine:

