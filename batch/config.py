@@ -11,7 +11,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from mistral_qa.config import EngineSettings, ModelConfig, StrictModel
+from mistral_qa.config import ModelConfig, StrictModel
+from mistral_qa.engine.config import EngineSettings
 from mistral_qa.sampling import SamplingSettings
 
 

@@ -21,10 +21,10 @@ import sys
 import time
 from pathlib import Path
 
-from mistral_qa.config import TrainJobConfig
 from mistral_qa.configio import ConfigError, load_config
 from mistral_qa.data import DataSourceError
 from mistral_qa.model import ModelLoadError
+from train.config import TrainJobConfig
 from train.report import read_metrics
 
 COLUMNS = (

@@ -46,11 +46,12 @@ from pathlib import Path
 import torch
 from torch.profiler import record_function
 
-from mistral_qa.config import DataConfig, LoraSettings, ModelConfig, TrainingConfig, TrainJobConfig
+from mistral_qa.config import LoraSettings, ModelConfig
 from mistral_qa.data import clean_rows, read_rows
 from mistral_qa.model import RANDOM_SHAPES, load_tokenizer
 from mistral_qa.prompt import build_prompt
 from train.batches import GroupedRowsSchedule, TokenBudgetSchedule, micro_batch_indices, step_seed
+from train.config import DataConfig, TrainingConfig, TrainJobConfig
 from train.optim import build_optimizer, build_scheduler
 from train.step import autocast, backward, build_trainable, make_batch, optimizer_step, peak_memory_gib
 

@@ -44,8 +44,8 @@ def ray_session():
 
 
 def tiny_config(tmp: Path, *overrides: str):
-    from mistral_qa.config import TrainJobConfig
     from mistral_qa.configio import load_config
+    from train.config import TrainJobConfig
 
     return load_config(
         TrainJobConfig,
@@ -99,8 +99,8 @@ def smollm2_adapter(ray_session, tmp_path_factory) -> Path:
     made = ROOT / "outputs" / "quickstart" / "adapter"
     if (made / "adapter_config.json").is_file():
         return made
-    from mistral_qa.config import TrainJobConfig
     from mistral_qa.configio import load_config
+    from train.config import TrainJobConfig
     from train.launch import run_training
 
     tmp = tmp_path_factory.mktemp("quickstart")

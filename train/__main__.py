@@ -15,10 +15,11 @@ import logging
 import sys
 from pathlib import Path
 
-from mistral_qa.config import TrainJobConfig
 from mistral_qa.configio import ConfigError, dump_config, load_config
 from mistral_qa.data import DataSourceError
 from mistral_qa.model import ModelLoadError
+
+from .config import TrainJobConfig
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -74,7 +75,7 @@ def ask(adapter: Path, n: int) -> None:
     try:
         template = adapter_templates(engine.cfg.adapters, engine.tokenizer)["tuned"]  # the one it trained with
         prompts = [instruction_prompt(template, q) for q in questions]
-        answers = engine.generate(prompts, SamplingParams(max_tokens=160), adapter="tuned")
+        answers = engine.generate(prompts, SamplingParams(max_tokens=160), adapter="tuned", template_stop=template.stop)
     finally:
         engine.close()
     for question, answer in zip(questions, answers):

@@ -17,9 +17,8 @@ from pathlib import Path
 
 import torch
 
-from mistral_qa.config import TrainJobConfig
-
 from .checkpoint import ADAPTER_DIR, STATE_FILE, unwrap, write_trainer_state
+from .config import TrainJobConfig
 from .optim import build_optimizer
 
 log = logging.getLogger("train")

@@ -18,12 +18,12 @@ import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from mistral_qa.config import TrainJobConfig
 from mistral_qa.configio import dump_config
 from mistral_qa.local_ray import start_ray
 from mistral_qa.model import load_tokenizer
 
 from .checkpoint import ADAPTER_DIR, read_history
+from .config import TrainJobConfig
 from .loop import train_loop_per_worker
 from .prepare import prepare_data
 from .report import plot_losses, write_metrics

@@ -19,12 +19,12 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from mistral_qa.config import TrainJobConfig
 from mistral_qa.model import load_tokenizer
 
 from . import deepspeed_setup as ds
 from .batches import GroupedRowsSchedule, TokenBudgetSchedule, micro_batch_indices, step_seed
 from .checkpoint import load_state, save_state
+from .config import TrainJobConfig
 from .optim import build_optimizer, build_scheduler
 from .prepare import prepare_data
 from .report import progress_line

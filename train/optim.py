@@ -8,7 +8,7 @@ import warnings
 
 import torch
 
-from mistral_qa.config import OptimizerConfig
+from .config import OptimizerConfig
 
 log = logging.getLogger(__name__)
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from mistral_qa.config import DataConfig
 from mistral_qa.data import DataReport, DataSourceError, clean_rows, read_rows, split_rows, tokenize_rows
 from mistral_qa.templates import PromptTemplate, TemplateError, load_template
+
+from .config import DataConfig
 
 
 def data_template(cfg: DataConfig, tokenizer) -> PromptTemplate:

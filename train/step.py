@@ -28,9 +28,10 @@ import resource
 import torch
 import torch.nn.functional as F
 
-from mistral_qa.config import TrainJobConfig
 from mistral_qa.data import IGNORE_INDEX, collate
 from mistral_qa.model import add_lora, load_base_model
+
+from .config import TrainJobConfig
 
 log = logging.getLogger("train")
 

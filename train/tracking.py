@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlsplit, urlunsplit
 
-from mistral_qa.config import TrackingConfig, TrainJobConfig
+from .config import TrackingConfig, TrainJobConfig
 
 log = logging.getLogger("train")
 

@@ -1,12 +1,48 @@
-"""EngineConfig: what the generation engine loads and how large its batches get."""
+"""The engine's settings: EngineSettings (how it runs; serve and batch share them) and EngineConfig
+(those plus what it loads: the base model and adapters)."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 
-from ..config import EngineSettings, ModelConfig
+from ..config import ModelConfig, StrictModel
 
 BASE_NAME = "base"
+
+
+class EngineSettings(StrictModel):
+    """How the generation engine runs (serve and batch share these; EngineConfig adds what it loads)."""
+
+    merge_adapter: bool = Field(
+        False, description="With exactly one adapter: merge it into the base weights (faster; base no longer served)."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available, else CPU.")
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+        "auto", description="Weights and activations; auto: float16 on CUDA, float32 on CPU."
+    )
+    max_batch_size: int = Field(32, ge=1, description="Most sequences decoded together in one step.")
+    max_context: int | None = Field(
+        None, ge=16, description="Prompt + answer tokens per sequence; None: the model's limit, capped at 4096."
+    )
+    compile: bool = Field(
+        True, description="CUDA: torch.compile the decode step's layer (fused kernels); false: plain PyTorch ops."
+    )
+    prefill_tokens: int = Field(
+        1024,
+        ge=16,
+        description="Prompts are prefilled packed, up to this many tokens a forward (on CUDA padded to exactly "
+        "this many, so an answer does not depend on its batch-mates); a longer prompt is prefilled in chunks of "
+        "this many tokens, one a step, with running streams decoding between chunks. Smaller: a lone prompt's first "
+        "token comes sooner and long prompts stall others less; larger: fewer forwards when many prompts arrive.",
+    )
+    decode_attention: Literal["auto", "sdpa", "flex"] = Field(
+        "auto",
+        description="Decode attention: sdpa reads every row's cache up to the batch's longest row (on CUDA its "
+        "power-of-two bucket); flex (FlexAttention, a block mask) reads only the 128-token blocks each row has "
+        "filled, and needs compile to be fast; auto: flex on CUDA with compile, else sdpa.",
+    )
 
 
 class EngineConfig(EngineSettings):

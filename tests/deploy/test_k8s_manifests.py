@@ -251,7 +251,7 @@ def job_config(entrypoint: str):
     assert (ROOT / options["--config"]).is_file(), f"no config {options['--config']}"
     overrides = [a for a in args[3:] if "=" in a and not a.startswith("--")]
     if module == "train":
-        from mistral_qa.config import TrainJobConfig as cls
+        from train.config import TrainJobConfig as cls
     else:
         cls = pytest.importorskip(f"{module}.config").BatchJobConfig
     cfg = load_config(cls, ROOT / options["--config"], overrides)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from mistral_qa.config import TrainJobConfig
 from mistral_qa.configio import ConfigError, load_config, parse_override
+from train.config import TrainJobConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN_CONFIGS = sorted((ROOT / "train" / "configs").glob("*.yaml"))

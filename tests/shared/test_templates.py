@@ -8,11 +8,12 @@ import importlib.util
 import pytest
 
 from mistral_qa.adapters import AdapterError, adapter_template, template_name
-from mistral_qa.config import DataConfig, ModelConfig
+from mistral_qa.config import ModelConfig
 from mistral_qa.data import DataSourceError, tokenize_row
 from mistral_qa.model import load_tokenizer
 from mistral_qa.prompt import build_prompt
 from mistral_qa.templates import AlpacaTemplate, ChatTemplate, TemplateError, instruction_prompt, load_template
+from train.config import DataConfig
 from train.prepare import prepare_data
 
 needs_smollm2 = pytest.mark.skipif(

@@ -87,8 +87,8 @@ def test_grouped_rows_keep_the_reference_rows_per_step_with_little_padding():
 
 
 def test_the_loop_picks_the_layout_the_config_names():
-    from mistral_qa.config import TrainJobConfig
     from mistral_qa.configio import load_config
+    from train.config import TrainJobConfig
     from train.loop import batch_schedule
 
     def layout(*overrides):

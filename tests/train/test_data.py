@@ -200,7 +200,7 @@ def test_messages_and_sharegpt_rows_are_read_and_bad_ones_counted(tmp_path):
 
 def test_messages_rows_train_through_the_alpaca_template(tokenizer, tmp_path):
     """With the seed's template a conversation's last answer is learnt, earlier turns fold into the input."""
-    from mistral_qa.config import DataConfig
+    from train.config import DataConfig
     from train.prepare import prepare_data
 
     conversation = [

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from benchmarks.agreement import seed_lora_b
-from mistral_qa.config import TrainJobConfig
 from mistral_qa.data import IGNORE_INDEX, collate
+from train.config import TrainJobConfig
 from train.step import CausalLMLoss, autocast, build_trainable, compile_decoder_layers, make_batch
 
 LENGTHS = (7, 19, 3, 12)
