@@ -17,8 +17,9 @@ import sys
 from pathlib import Path
 
 from mistral_qa.adapters import AdapterError
-from mistral_qa.export import DTYPES, ExportError, export_merged, push_to_hub
 from mistral_qa.model import ModelLoadError
+
+from .merge import DTYPES, ExportError, export_merged, push_to_hub
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

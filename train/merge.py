@@ -1,7 +1,7 @@
 """Merge a LoRA adapter into its base and write a plain model folder that any transformers-based
 server loads: safetensors shards, config.json, generation_config.json and the tokenizer.
 
-    from mistral_qa.export import export_merged
+    from train.merge import export_merged
     export_merged("outputs/quickstart/adapter", Path("outputs/quickstart/merged"))
 
 The base is the one recorded in the adapter's training_config.yaml (or given). The folder is written
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from .adapters import check_prompt_template, read_training_config, resolve_adapter
-from .config import ModelConfig
-from .model import ModelLoadError, hub_token, load_base_model, load_tokenizer
+from mistral_qa.adapters import check_prompt_template, read_training_config, resolve_adapter
+from mistral_qa.config import ModelConfig
+from mistral_qa.model import ModelLoadError, hub_token, load_base_model, load_tokenizer
 
 log = logging.getLogger(__name__)
 
