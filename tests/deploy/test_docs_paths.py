@@ -1,11 +1,12 @@
 """Every repository path and `python -m` module the docs name exists (fast; no Ray, no model).
 
 The docs: README.md, BENCHMARKS.md, CONTRIBUTING.md, ARCHITECTURE.md, and the header comments (the
-leading `#` lines: the command that runs the file) of the YAML files under train/configs, batch/configs,
-serve/, cluster/ and k8s/. A path counts when it starts at one of the repository's own top-level folders
-or files (ROOTS), so URLs, s3://, /tmp, outputs/ and ../shared/ are never taken for one; a path holding a
-placeholder (<run>, {name}, *.yaml) is the user's choice and is skipped. ARCHITECTURE.md also cites
-names as `path.py: Name, Other.method`, and each must be defined at the top level of that file.
+leading `#` lines: the command that runs the file) of the YAML files under train/configs,
+batch/configs, serve/, cluster/ and k8s/, subfolders included. A path counts when it starts at one
+of the repository's own top-level folders or files (ROOTS), so URLs, s3://, /tmp, outputs/ and
+../shared/ are never taken for one; a path holding a placeholder (<run>, {name}, *.yaml) is the
+user's choice and is skipped. ARCHITECTURE.md also cites names as `path.py: Name, Other.method`, and
+each must be defined at the top level of that file.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def yaml_headers() -> dict[str, str]:
     """{path: its leading comment lines} for the YAML files of YAML_FOLDERS."""
     headers = {}
     for folder in YAML_FOLDERS:
-        for path in sorted((ROOT / folder).glob("*.yaml")):
+        for path in sorted((ROOT / folder).rglob("*.yaml")):
             lines = []
             for line in path.read_text().splitlines():
                 if not line.lstrip().startswith("#"):
