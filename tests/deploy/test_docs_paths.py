@@ -31,6 +31,8 @@ EXTERNAL_MODULES = {"pytest", "pip", "venv", "ray", "torch.distributed.run", "ht
 # Not after a word, '/', ':' or '.', so the tail of /tmp/x/train/..., s3://b/train/... or ../train is not one.
 PATH_RUN = re.compile(r"(?<![\w/:.~$-])\.?[\w<>{}*-][\w.<>{}*/-]*")
 MODULE_RUN = re.compile(r"\bpython(?:3(?:\.\d+)?)? -m ([A-Za-z_][\w.]*)")
+# An import path as Serve and console scripts take it: package.module:name.
+IMPORT_PATH = re.compile(r"\b((?:train|serve|batch|cluster|mistral_qa|benchmarks)(?:\.\w+)+):([A-Za-z_]\w*)")
 CITATION = re.compile(r"`([\w./-]+\.py): ([\w.]+(?:, [\w.]+)*)`")
 
 
@@ -120,6 +122,7 @@ def test_the_extraction_finds_what_it_should_and_skips_what_it_should_not():
     ]
     assert module_exists("train") and module_exists("benchmarks.serving") and module_exists("pytest")
     assert not module_exists("serve.benchmark")
+    assert IMPORT_PATH.findall("import_path: serve.app:build_app, not s3://x.y:z") == [("serve.app", "build_app")]
 
 
 def test_citations_are_checked_against_the_file():
@@ -141,6 +144,16 @@ def test_every_named_path_exists(doc):
 def test_every_python_m_module_exists(doc):
     missing = sorted({m for m in MODULE_RUN.findall(doc_texts()[doc]) if not module_exists(m)})
     assert not missing, f"{doc} runs `python -m` modules that do not exist: {missing}"
+
+
+@pytest.mark.parametrize("doc", sorted(doc_texts()))
+def test_every_import_path_names_a_definition(doc):
+    wrong = []
+    for module, name in set(IMPORT_PATH.findall(doc_texts()[doc])):
+        path = ROOT / (module.replace(".", "/") + ".py")
+        if not (path.is_file() and defined(path, name)):
+            wrong.append(f"{module}:{name}")
+    assert not wrong, f"{doc} names import paths that do not exist: {sorted(wrong)}"
 
 
 def test_architecture_citations_name_what_the_files_define():
