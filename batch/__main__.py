@@ -16,12 +16,14 @@ Exit status: 0 done; 2 bad config; 1 input, output, model or cluster unusable (f
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
-from mistral_qa.configio import ConfigError, dump_config, load_config
+from mistral_qa.configio import load_config
+from mistral_qa.entry import print_config, report, run_main
 
 from .config import BatchJobConfig
+
+FAILED_ROWS = 3  # exit status: more than output.max_failed_fraction of the rows failed in generation
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -64,35 +66,32 @@ def _clip(text: str | None, width: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    try:
-        cfg = load_job_config(args)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if args.print_config:
-        print(dump_config(cfg), end="")
-        return 0
-    from mistral_qa.adapters import AdapterError  # imports below pull in Ray: only once the config is valid
+    return run_main(lambda: answer(args), job_errors)
+
+
+def job_errors() -> tuple[type[Exception], ...]:
+    from mistral_qa.adapters import AdapterError  # these pull in torch and pyarrow: only once an error came
     from mistral_qa.model import ModelLoadError
+    from mistral_qa.preflight import PreflightError
 
     from .io import InputError
     from .output import OutputError
-    from .pipeline import PreflightError, run_batch
 
-    try:
-        summary = run_batch(cfg)
-    except (InputError, OutputError, PreflightError, AdapterError, ModelLoadError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    return InputError, OutputError, PreflightError, AdapterError, ModelLoadError
+
+
+def answer(args: argparse.Namespace) -> int:
+    cfg = load_job_config(args)
+    if args.print_config:
+        return print_config(cfg)
+    from .pipeline import run_batch  # imports Ray: only once the config is valid
+
+    summary = run_batch(cfg)
     print("\n".join(["", "batch summary", *summary.lines()]))
     if args.show:
         show_rows(cfg.output.path, args.show)
     failure = summary.failure(cfg.output.max_failed_fraction)
-    if failure:
-        print(f"error: {failure}", file=sys.stderr)
-        return 3
-    return 0
+    return report(failure, FAILED_ROWS) if failure else 0
 
 
 if __name__ == "__main__":

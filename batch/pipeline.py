@@ -13,13 +13,13 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pyarrow as pa
 import ray
 from ray.data import ActorPoolStrategy, DataContext
 
 from mistral_qa.local_ray import start_ray
+from mistral_qa.preflight import PreflightError, absolute, require_gpus
 from mistral_qa.templates import AlpacaTemplate, PromptTemplate, instruction_prompt
 
 from .config import BatchJobConfig
@@ -29,10 +29,6 @@ from .retry import drop_failed_rows
 
 log = logging.getLogger("batch")
 ADAPTER_NAME = "batch"
-
-
-class PreflightError(RuntimeError):
-    """The job cannot start (e.g. it asks for GPUs the cluster lacks); raised before any work."""
 
 
 def build_prompts(batch: pa.Table, template: PromptTemplate | None = None) -> pa.Table:
@@ -243,12 +239,7 @@ class Summary:
 
 def check_resources(cfg: BatchJobConfig) -> None:
     need = cfg.compute.num_gpus_per_actor
-    have = ray.cluster_resources().get("GPU", 0)
-    if need > have:
-        raise PreflightError(
-            f"compute.num_gpus_per_actor={need:g} but the Ray cluster has {have:g} GPUs; use a GPU cluster "
-            "or a CPU config (batch/configs/quickstart.yaml)"
-        )
+    require_gpus(need, f"compute.num_gpus_per_actor={need:g}", "batch/configs/quickstart.yaml")
 
 
 def actor_pool(cfg: BatchJobConfig) -> ActorPoolStrategy:
@@ -285,11 +276,6 @@ def build_dataset(cfg: BatchJobConfig, files: InputFiles, done_ids: pa.Array, en
             "engine_factory": engine_factory,
         },
     )
-
-
-def absolute(path: str) -> str:
-    """Local paths made absolute (actors may run in another folder); URIs such as s3:// pass through."""
-    return path if "://" in path else str(Path(path).expanduser().resolve())
 
 
 def with_absolute_paths(cfg: BatchJobConfig) -> BatchJobConfig:

@@ -15,15 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from mistral_qa.configio import ConfigError, load_config
+from mistral_qa.configio import load_config
 from mistral_qa.data import DataSourceError
+from mistral_qa.entry import run_main
 from mistral_qa.model import ModelLoadError
+from mistral_qa.preflight import PreflightError
 from train.config import TrainJobConfig
 from train.report import read_metrics
 
@@ -111,17 +112,11 @@ def run_scaling(args: argparse.Namespace) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from train.launch import PreflightError
+    return run_main(lambda: scaling(args), lambda: (ModelLoadError, DataSourceError, PreflightError))
 
-    try:
-        rows = run_scaling(args)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except (ModelLoadError, DataSourceError, PreflightError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+
+def scaling(args: argparse.Namespace) -> int:
+    rows = run_scaling(args)
     print(format_table(rows))
     if args.json_out:
         settings = {"config": args.config, "overrides": args.overrides, "steps": args.steps, "warmup": args.warmup}

@@ -12,13 +12,13 @@ It blocks until Ctrl-C; the URL is printed once the app answers.
 from __future__ import annotations
 
 import argparse
-import logging
 import signal
 import sys
 import time
 
 from mistral_qa.adapters import AdapterError
 from mistral_qa.configio import ConfigError, apply_override, parse_override, read_yaml
+from mistral_qa.entry import CONFIG_ERROR, report, run_main
 
 from .ready import wait_until_ready
 
@@ -87,15 +87,17 @@ def app_spec(args: argparse.Namespace) -> tuple[dict, dict, dict]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    return run_main(lambda: serve_until_stopped(args))
+
+
+def serve_until_stopped(args: argparse.Namespace) -> int:
     try:
         app_args, options, http = app_spec(args)
         from .app import ChatServer, EngineLoader, load_settings  # imports Ray: only once the flags are valid
 
         settings = load_settings(app_args)
-    except (ConfigError, AdapterError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except (AdapterError, ValueError) as err:  # ConfigError is a ValueError; all are the flags' or config's fault
+        return report(err, CONFIG_ERROR)
     import ray
     from ray import serve
 

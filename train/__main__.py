@@ -11,13 +11,14 @@ Overrides are `section.key=value` (YAML values). Re-running the same run.name re
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
-from mistral_qa.configio import ConfigError, dump_config, load_config
+from mistral_qa.configio import load_config
 from mistral_qa.data import DataSourceError
+from mistral_qa.entry import print_config, run_main
 from mistral_qa.model import ModelLoadError
+from mistral_qa.preflight import PreflightError
 
 from .config import TrainJobConfig
 
@@ -37,22 +38,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    try:
-        cfg = load_config(TrainJobConfig, args.config, args.overrides)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if args.print_config:
-        print(dump_config(cfg), end="")
-        return 0
-    from .launch import PreflightError, run_training  # imports Ray: only once the config is valid
+    return run_main(lambda: train(args), job_errors)
 
-    try:
-        out = run_training(cfg)
-    except (ModelLoadError, DataSourceError, PreflightError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+
+def job_errors() -> tuple[type[Exception], ...]:
+    return ModelLoadError, DataSourceError, PreflightError
+
+
+def train(args: argparse.Namespace) -> int:
+    cfg = load_config(TrainJobConfig, args.config, args.overrides)
+    if args.print_config:
+        return print_config(cfg)
+    from .launch import run_training  # imports Ray: only once the config is valid
+
+    out = run_training(cfg)
     print(f"adapter:    {out / 'adapter'}")
     print(f"metrics:    {out / 'metrics.jsonl'}")
     print(f"loss curve: {out / 'loss_curve.png'}")

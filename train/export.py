@@ -12,11 +12,11 @@ HF_TOKEN or the file named by HF_TOKEN_FILE (private by default).
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
 from mistral_qa.adapters import AdapterError
+from mistral_qa.entry import run_main
 from mistral_qa.model import ModelLoadError
 
 from .merge import DTYPES, ExportError, export_merged, push_to_hub
@@ -38,17 +38,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    try:
-        out = export_merged(
-            args.adapter, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size, overwrite=args.overwrite
-        )
-        print(f"merged model: {out}")
-        if args.push_to_hub:
-            print(f"pushed:       {push_to_hub(out, args.push_to_hub, private=not args.public)}")
-    except (ExportError, AdapterError, ModelLoadError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    return run_main(lambda: export(args), lambda: (ExportError, AdapterError, ModelLoadError))
+
+
+def export(args: argparse.Namespace) -> int:
+    out = export_merged(
+        args.adapter, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size, overwrite=args.overwrite
+    )
+    print(f"merged model: {out}")
+    if args.push_to_hub:
+        print(f"pushed:       {push_to_hub(out, args.push_to_hub, private=not args.public)}")
     return 0
 
 

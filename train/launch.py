@@ -14,13 +14,13 @@ import logging
 import shutil
 from pathlib import Path
 
-import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from mistral_qa.configio import dump_config
 from mistral_qa.local_ray import start_ray
 from mistral_qa.model import load_tokenizer
+from mistral_qa.preflight import PreflightError, absolute, require_gpus
 
 from .checkpoint import ADAPTER_DIR, read_history
 from .config import TrainJobConfig
@@ -32,23 +32,12 @@ from .tracking import IDS_KEY, TrackingError, finish_runs, open_runs
 log = logging.getLogger("train")
 
 
-class PreflightError(RuntimeError):
-    """The run cannot start (no GPUs, no data); raised before any worker starts."""
-
-
-def absolute(path: str) -> str:
-    """Local paths made absolute (Ray Train needs that); URIs such as s3:// pass through."""
-    return path if "://" in path else str(Path(path).expanduser().resolve())
-
-
 def check_resources(cfg: TrainJobConfig) -> None:
-    gpus = ray.cluster_resources().get("GPU", 0)
-    needed = cfg.scaling.num_workers if cfg.scaling.use_gpu else 0
-    if gpus < needed:
-        raise PreflightError(
-            f"scaling.use_gpu=true with scaling.num_workers={cfg.scaling.num_workers} needs "
-            f"{needed} GPUs; the Ray cluster has {gpus:g}. Use a GPU cluster, or a CPU config "
-            "(e.g. train/configs/quickstart.yaml)."
+    if cfg.scaling.use_gpu:
+        require_gpus(
+            cfg.scaling.num_workers,
+            f"scaling.use_gpu=true with scaling.num_workers={cfg.scaling.num_workers}",
+            "train/configs/quickstart.yaml",
         )
 
 

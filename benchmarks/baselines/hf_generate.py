@@ -11,14 +11,8 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from mistral_qa.config import ModelConfig
+from mistral_qa.engine.loading import pick_dtype  # as the engine picks it
 from mistral_qa.model import load_base_model
-
-
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """As the engine picks it: auto is float16 on CUDA, float32 on CPU."""
-    if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
 
 
 def _sync(device: torch.device) -> None:

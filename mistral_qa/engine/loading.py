@@ -39,6 +39,7 @@ def pick_device(name: str) -> torch.device:
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """EngineSettings.dtype as a torch dtype: auto is float16 on CUDA, float32 on CPU."""
     if name == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
     return DTYPES[name]
