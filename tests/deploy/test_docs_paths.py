@@ -1,4 +1,4 @@
-"""Every repository path and `python -m` module the docs name exists (fast; no Ray, no model).
+"""Every repository path, `python -m` module and import path the docs name exists (fast; no Ray).
 
 The docs: README.md, BENCHMARKS.md, CONTRIBUTING.md, ARCHITECTURE.md, and the header comments (the
 leading `#` lines: the command that runs the file) of the YAML files under train/configs,
