@@ -12,8 +12,8 @@ benchmark times the code that trains. What makes it fast without changing what i
   run in fp16/bf16 anyway, so that cast only adds a copy and an fp32 dropout per layer: it is skipped.
 - Attention avoids cuDNN's SDPA kernels unless training.cudnn_attention: PyTorch picks them first on
   Hopper GPUs, and cuDNN builds an execution plan for every new (rows, length) shape, which
-  length-grouped batches bring at almost every step. Measured on an H200 (BENCHMARKS.md), the step is
-  as fast either way; flash attention is kept as the default that has no per-shape cost.
+  length-grouped batches bring at almost every step. The step runs as fast either way (BENCHMARKS.md,
+  "Training speed", session 4); flash attention is kept as the default that has no per-shape cost.
 - training.compile compiles each decoder layer (regional compilation: every layer runs the same code,
   compiled once, with dynamic batch and sequence sizes), which fuses the norms, rotary embedding,
   SwiGLU, LoRA dropout/scaling and residual adds into few kernels.
