@@ -25,6 +25,7 @@ from mistral_qa.preflight import PreflightError, absolute, require_gpus
 from .checkpoint import ADAPTER_DIR, read_history
 from .config import TrainJobConfig
 from .loop import train_loop_per_worker
+from .optim import check_optimizer
 from .prepare import prepare_data
 from .report import plot_losses, write_metrics
 from .tracking import IDS_KEY, TrackingError, finish_runs, open_runs
@@ -118,6 +119,7 @@ def start_tracking(cfg: TrainJobConfig) -> tuple[TrainJobConfig, dict]:
 
 def run_training(cfg: TrainJobConfig) -> Path:
     """Run (or resume) the training described by cfg; returns the run's output folder."""
+    check_optimizer(cfg.optim)  # an optimiser whose extra is not installed: one line, before any work
     worker_cfg, tracking_ids = start_tracking(cfg)
     out = None
     try:

@@ -175,3 +175,17 @@ def test_the_paged_optimiser_without_bitsandbytes_is_refused_by_name(monkeypatch
     with pytest.raises(ConfigError, match="optim.name"):
         build_optimizer(OptimizerConfig(name="paged_adamw_32bit"), [], on_cuda=False)
     check_optimizer(OptimizerConfig(name="adamw_torch"))  # needs nothing beyond torch
+
+
+def test_training_without_the_qlora_extra_stops_before_any_work(monkeypatch, tmp_path, capsys):
+    """python -m train with the paged optimiser on an install without bitsandbytes: exit 2 and one line
+    naming optim.name and the extra, before tracking, data or Ray (no Ray Train worker retries)."""
+    from train.__main__ import main
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    out = ["optim.name=paged_adamw_32bit", f"run.output_dir={tmp_path}/out", f"run.storage_path={tmp_path}/ray"]
+    assert main(["--config", str(ROOT / "train" / "configs" / "tiny.yaml"), *out]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert errors == [line for line in errors if line.startswith("error: optim.name=paged_adamw_32bit needs")]
+    assert len(errors) == 1 and "mistral-qa[qlora]" in errors[0]
+    assert not list(tmp_path.iterdir())  # nothing written: no run folder, no Ray storage
