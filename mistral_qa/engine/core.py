@@ -33,8 +33,9 @@ def eos_ids(model, tokenizer) -> set[int]:
 
 
 def decode_attention(cfg: EngineConfig, loaded) -> str:
-    """engine.decode_attention with auto resolved: flex where it runs compiled (CUDA with compile; measured
-    1.57x the batch job's rate at 256 rows on an H200), sdpa elsewhere (uncompiled flex is a slow reference)."""
+    """engine.decode_attention with auto resolved: flex where it runs compiled (CUDA with compile; faster for
+    the batch job, see BENCHMARKS.md, "Serving and batch answers, fourth run", item 3), sdpa elsewhere
+    (uncompiled flex is a slow reference)."""
     if cfg.decode_attention != "auto":
         return cfg.decode_attention
     return "flex" if loaded.device.type == "cuda" and cfg.compile else "sdpa"
