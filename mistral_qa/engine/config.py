@@ -43,6 +43,12 @@ class EngineSettings(StrictModel):
         "power-of-two bucket); flex (FlexAttention, a block mask) reads only the 128-token blocks each row has "
         "filled, and needs compile to be fast; auto: flex on CUDA with compile, else sdpa.",
     )
+    compile_cache: str | None = Field(
+        None,
+        description="A folder (local, or an s3:// / gs:// URI; shared storage suits) for torch.compile's "
+        "artifacts: the first engine saves what its warm-up compiled, later ones (the batch job's actors, "
+        "serve replicas) load it and start warm; keyed on torch, device, model and shape settings; None: off.",
+    )
 
 
 class EngineConfig(EngineSettings):

@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 
 from . import loading
+from .compile_cache import CompileCacheReport, device_tag, engine_cache
 from .config import BASE_NAME, EngineConfig
 from .decoder import SlotDecoder
 from .engine_thread import EngineThread
@@ -52,7 +53,10 @@ class Engine:
         self.cfg = cfg
         started = time.perf_counter()
         self._loaded = loading.load(cfg)
-        log.info("engine: model loaded in %.1f s", time.perf_counter() - started)
+        # How start-up went, for the batch job's and the benchmarks' reports: seconds to load the model
+        # and to warm up, and what the compile cache did (compile_cache.CompileCacheReport).
+        self.startup: dict = {"load_s": time.perf_counter() - started, "warm_up_s": 0.0}
+        log.info("engine: model loaded in %.1f s", self.startup["load_s"])
         self.tokenizer = self._loaded.tokenizer
         self.max_context = loading.context_limit(self._loaded.model, cfg.max_context)
         self.base_name = BASE_NAME
@@ -74,18 +78,46 @@ class Engine:
         # across threads ("Already borrowed"), so the engine thread gets its own copy.
         self._detokenizer = copy.deepcopy(self.tokenizer)
         self._grammars = Grammars(self.tokenizer, loaded.model.config.vocab_size)
+        self._compile_cache = engine_cache(cfg.compile_cache, loaded.model, self._compiled_shape(decoder))
         try:
-            self._warm_up()
+            self.warm_up()
         except Exception:
             self.close()
             raise
 
-    def _warm_up(self) -> None:
+    def warm_up(self) -> None:
         """Answer one short prompt, so that compiling the decode layer and capturing the first CUDA
-        graphs (tens of seconds on a GPU) happen while the engine starts, not in a user's request."""
+        graphs (tens of seconds on a GPU) happen while the engine starts, not in a user's request.
+
+        With engine.compile_cache, the cached compile artifacts are loaded first (compiling then hits
+        them) or, when there were none, what the warm-up compiled is saved after it. The constructor
+        calls this; a caller that swapped the runner's decode steps may call it again (only while the
+        engine answers nothing)."""
         started = time.perf_counter()
+        cache = self._compile_cache
+        if cache is not None:
+            cache.load()  # once: later warm-ups find it done
         self.generate(["Hello"], SamplingParams(max_tokens=4, temperature=0.0), adapter=self.model_names[0])
-        log.info("engine warmed up in %.1f s", time.perf_counter() - started)
+        if cache is not None:
+            cache.save()
+        self.startup["warm_up_s"] = time.perf_counter() - started
+        self.startup["compile_cache"] = (cache.report if cache else CompileCacheReport()).as_dict()
+        log.info("engine warmed up in %.1f s", self.startup["warm_up_s"])
+
+    def _compiled_shape(self, decoder: SlotDecoder) -> dict:
+        """What the compile cache's key holds besides the model: everything that shapes the compiled graphs."""
+        cfg = self.cfg
+        return {
+            "device": device_tag(decoder.device),
+            "dtype": str(decoder.dtype),
+            "compile": cfg.compile,
+            "max_batch_size": cfg.max_batch_size,
+            "max_context": self.max_context,
+            "prefill_tokens": cfg.prefill_tokens,
+            "decode_attention": decoder.attention,
+            "adapters": len(self._loaded.adapters),
+            "merged": self._loaded.merged,
+        }
 
     @property
     def device(self):
