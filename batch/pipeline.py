@@ -26,6 +26,7 @@ from .config import BatchJobConfig
 from .io import InputFiles, QuestionDatasource, check_question_column, list_inputs
 from .output import OUTPUT_SCHEMA, AnswerDatasink, check_output, prepare_output, setting_columns
 from .retry import drop_failed_rows
+from .timing import JobClock, Marks, TimeSplit, split
 
 log = logging.getLogger("batch")
 ADAPTER_NAME = "batch"
@@ -105,12 +106,15 @@ class Answerer:
     whose generate is thread-safe, and read-only state.
     """
 
-    def __init__(self, job: dict, done_ids, engine_factory: Callable | None = None):
+    def __init__(self, job: dict, done_ids, engine_factory: Callable | None = None, clock=None):
         logging.basicConfig(level=logging.INFO, format="%(message)s")  # this actor's own process
         started = time.perf_counter()
         cfg = BatchJobConfig.model_validate(job)
         self.engine = (engine_factory or make_engine)(cfg)
         log.info("answerer: engine ready in %.1f s", time.perf_counter() - started)
+        self.clock = clock  # the job's JobClock (timing.py); None outside a job
+        if clock is not None:  # waited for: the driver reads the clock once the job is done
+            ray.get(clock.engine_ready.remote(time.time(), getattr(self.engine, "startup", {})))
         self.ready_stats = self.engine.stats()  # the warm-up (and its CUDA graph captures) is not the job's
         self.params = sampling_params(cfg)
         self.adapter = ADAPTER_NAME if cfg.adapter else None
@@ -141,6 +145,8 @@ class Answerer:
             self.engine, [r["prompt"] for r in todo], self.params, self.adapter, self.retries, self.template.stop
         )
         ended = time.time()
+        if self.clock is not None and todo:
+            ray.get(self.clock.engine_call.remote(started, ended))
         tokens = sum(r.completion_tokens for r in results if not isinstance(r, Exception))
         # The wall-clock span too: calls of one actor may overlap (compute.calls_per_actor).
         log.info(
@@ -209,6 +215,7 @@ class Summary:
     completion_tokens: int = 0
     wall_s: float = 0.0
     errors: Counter = field(default_factory=Counter)
+    timing: TimeSplit | None = None  # where wall_s went (timing.py)
 
     @property
     def failed_fraction(self) -> float:
@@ -233,6 +240,7 @@ class Summary:
             f"errors:          {sum(self.errors.values())}" + (f" ({kinds})" if kinds else ""),
             f"output tokens:   {self.completion_tokens} ({self.completion_tokens / max(self.wall_s, 1e-9):.1f} tokens/s)",
             f"wall time:       {self.wall_s:.1f} s",
+            *(self.timing.lines() if self.timing else []),
             f"output:          {self.output} ({self.files} new files)",
         ]
 
@@ -261,8 +269,11 @@ def question_blocks(cfg: BatchJobConfig, files: InputFiles):
     return ds.repartition(target_num_rows_per_block=cfg.compute.batch_size, strict=True)
 
 
-def build_dataset(cfg: BatchJobConfig, files: InputFiles, done_ids: pa.Array, engine_factory: Callable | None = None):
-    """The lazy Dataset of answer rows (nothing runs until it is written)."""
+def build_dataset(
+    cfg: BatchJobConfig, files: InputFiles, done_ids: pa.Array, engine_factory: Callable | None = None, clock=None
+):
+    """The lazy Dataset of answer rows (nothing runs until it is written); the actors report their
+    engines' start-up and calls to `clock` (a JobClock) when given."""
     return question_blocks(cfg, files).map_batches(
         Answerer,
         batch_size=cfg.compute.batch_size,
@@ -274,6 +285,7 @@ def build_dataset(cfg: BatchJobConfig, files: InputFiles, done_ids: pa.Array, en
             "job": cfg.model_dump(mode="json"),
             "done_ids": ray.put(done_ids),
             "engine_factory": engine_factory,
+            "clock": clock,
         },
     )
 
@@ -305,7 +317,7 @@ def check_model(cfg: BatchJobConfig) -> None:
 
 def run_batch(cfg: BatchJobConfig, engine_factory: Callable | None = None) -> Summary:
     """Answer every question of cfg.input not yet in cfg.output; returns the summary."""
-    start = time.perf_counter()
+    start, marks = time.perf_counter(), Marks()
     if not cfg.input.path or not cfg.output.path:
         raise PreflightError("set input.path and output.path (or --input / --output)")
     cfg = with_absolute_paths(cfg)
@@ -319,10 +331,23 @@ def run_batch(cfg: BatchJobConfig, engine_factory: Callable | None = None) -> Su
         retried = drop_failed_rows(cfg.output.path)
     done = prepare_output(cfg.output.path, cfg.output.mode)
     log.info("input: %d files; output: %d rows already there", len(files.paths), len(done))
+    marks.mark("ray_start")
     start_ray()
+    marks.mark("ray_started")
     check_resources(cfg)
     DataContext.get_current().max_errored_blocks = cfg.compute.max_errored_blocks
     sink = AnswerDatasink(cfg.output.path, cfg.output.rows_per_file)
-    build_dataset(cfg, files, done, engine_factory).write_datasink(sink)
+    clock = JobClock.remote()
+    try:
+        dataset = build_dataset(cfg, files, done, engine_factory, clock)
+        marks.mark("submitted")
+        dataset.write_datasink(sink)
+        marks.mark("end")
+        timing = split(marks.times, ray.get(clock.read.remote()))
+    finally:
+        ray.kill(clock)
+    log.info(timing.log_line())
     wall_s = time.perf_counter() - start
-    return Summary(output=cfg.output.path, skipped=len(done), retried=retried, wall_s=wall_s, **sink.stats)
+    return Summary(
+        output=cfg.output.path, skipped=len(done), retried=retried, wall_s=wall_s, timing=timing, **sink.stats
+    )
