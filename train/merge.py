@@ -20,11 +20,11 @@ import torch
 
 from mistral_qa.adapters import check_prompt_template, read_training_config, resolve_adapter
 from mistral_qa.config import ModelConfig
+from mistral_qa.engine.loading import DTYPES  # the names the engine and the export both accept
 from mistral_qa.model import ModelLoadError, hub_token, load_base_model, load_tokenizer
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 EXPORT_INFO = "mistral_qa_export.json"
 
 
