@@ -36,6 +36,7 @@ from pathlib import Path
 
 DEFAULT_ROOT = Path("/tmp/mistral-qa-cluster")  # short: Ray's socket paths live below it (108-byte limit)
 STATE_FILE = "cluster.json"
+CHECKOUT = Path(__file__).resolve().parents[1]  # the repository root, when run from a checkout
 
 
 class ClusterError(RuntimeError):
@@ -115,6 +116,10 @@ def node_env(spec: ClusterSpec) -> dict[str, str]:
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     env["RAY_AUTH_MODE"] = auth_mode()
+    if (CHECKOUT / "pyproject.toml").is_file():
+        # As the image's PYTHONPATH in KubeRay pods: `serve deploy`'s import_path serve.app:build_app
+        # must resolve in every worker, and pip installs the jobs only as mistral_qa.serve etc.
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(CHECKOUT), env.get("PYTHONPATH")]))
     # On SIGTERM a node first drains (for Serve traffic) for up to 30 s; the whole cluster goes at
     # once here, so there is nothing to drain for.
     env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
