@@ -1,8 +1,18 @@
 """The real batch job, `python -m batch`, run as its own process (entrypoints never import each
-other) on this benchmark's Ray instance, then its Parquet output counted."""
+other) on this benchmark's Ray instance, then its Parquet output counted and its time split (the
+job's "batch timing:" line: Ray start, plan, actors ready with model load and warm-up, answering,
+writing) read back.
+
+With a compile cache folder (--batch-compile-cache) the job runs twice on it: the first run's
+engines compile and save their artifacts (unless the folder already holds them), the second run's
+load them, so "engine ready" is reported cold and warm. Each of those runs gets its own empty
+Inductor and Triton caches, so the folder is the only thing that can make the second run warm, as
+on a fresh node.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -62,7 +72,10 @@ def run_batch_job(
     ray_address: str | None,
     log_path: Path,
     timeout_s: float,
+    job_env: dict[str, str] | None = None,
 ) -> dict:
+    """One `python -m batch` run; job_env: environment variables for the job's Ray workers (its
+    runtime_env, handed over as `ray job submit` does)."""
     command = [
         sys.executable,
         "-m",
@@ -79,6 +92,10 @@ def run_batch_job(
     env["RAY_DEDUP_LOGS"] = "0"  # every actor's timing lines, even where two read alike
     if ray_address:
         env["RAY_ADDRESS"] = ray_address  # join this benchmark's Ray instance, never another on the machine
+    if job_env:
+        # The job's ray.init() merges this JobConfig's runtime_env in (ray.job_config.JobConfig.from_json).
+        workers = {"PYTHONPATH": env["PYTHONPATH"], "TOKENIZERS_PARALLELISM": "false", **job_env}
+        env["RAY_JOB_CONFIG_JSON_ENV_VAR"] = json.dumps({"runtime_env": {"env_vars": workers}})
     start = time.perf_counter()
     with open(log_path, "w") as log:
         proc = subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s)
@@ -93,9 +110,62 @@ def run_batch_job(
         "process_wall_s": process_wall,
         "job_wall_s": float(job_wall.group(1)) if job_wall else process_wall,
         "summary": summary.strip().splitlines()[1:],
+        "time_split": time_split(text),
         **engine_calls(text),
         **read_output(output),
     }
+
+
+def time_split(log_text: str) -> dict | None:
+    """The job's time split (batch/timing.py's "batch timing:" JSON line), None when the log has none."""
+    lines = re.findall(r"batch timing: (\{.*\})", log_text)
+    return json.loads(lines[-1]) if lines else None
+
+
+def split_line(split: dict | None) -> str:
+    """The split in one line for the benchmark's progress log."""
+    if not split:
+        return "no time split in the log"
+    parts = ("ray_start", "plan", "actors_ready", "waiting", "answering", "writing")
+    return (
+        ", ".join(f"{p.replace('_', ' ')} {split[p + '_s']:.1f} s" for p in parts)
+        + f"; engine: actor start {split['actor_start_s']:.1f} s, load {split['load_s']:.1f} s, warm-up "
+        f"{split['warm_up_s']:.1f} s, compile cache {split['compile_cache']}"
+    )
+
+
+def job_runs(
+    config: Path,
+    questions: Path,
+    work: Path,
+    name: str,
+    overrides: list[str],
+    ray_address: str | None,
+    timeout_s: float,
+    compile_cache: Path | None = None,
+) -> list[dict]:
+    """One run of the job, or with compile_cache two on that folder ("first", then "warm"), each with
+    fresh Inductor and Triton caches for its workers; every run's dict says which it was ("label")."""
+    if compile_cache is None:
+        log_path = work / f"batch-{name}.log"
+        run = run_batch_job(config, questions, work / f"answers-{name}", overrides, ray_address, log_path, timeout_s)
+        return [run | {"label": None}]
+    compile_cache, runs = compile_cache.resolve(), []  # the job runs in the project root
+    for label in ("first", "warm"):
+        local = work / f"local-caches-{name}-{label}"
+        job_env = {"TORCHINDUCTOR_CACHE_DIR": str(local / "inductor"), "TRITON_CACHE_DIR": str(local / "triton")}
+        run = run_batch_job(
+            config,
+            questions,
+            work / f"answers-{name}-{label}",
+            [*overrides, f"engine.compile_cache={compile_cache}"],
+            ray_address,
+            work / f"batch-{name}-{label}.log",
+            timeout_s,
+            job_env,
+        )
+        runs.append(run | {"label": f"compile cache {label}"})
+    return runs
 
 
 def engine_calls(log_text: str) -> dict:

@@ -7,6 +7,8 @@ and the real Ray Data batch job, all on the same random-weight model.
     python -m benchmarks.serving --phases serve --serve-ramp-s 5                        # spread starts over 5 s
     python -m benchmarks.serving --model-name tiny-mistral --device cpu --concurrency 4 --requests 8 \
         --max-tokens 16 --hf-new-tokens 8 --batch-questions 40 --batch-gpus 0         # a CPU smoke run
+    python -m benchmarks.serving --phases batch --batch-questions 4000 --batch-max-tokens 256 \
+        --batch-compile-cache /shared/compile-cache                    # issue 18's job, cold then warm cache
 
 The serve phase times its load twice on one deployment, --requests requests each: "burst", all
 --concurrency clients starting together (every request runs to --max-tokens, so they also finish and
@@ -94,7 +96,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--alpaca", type=Path, default=DEFAULT_ALPACA, help="Alpaca JSON whose instructions feed the batch job"
     )
-    p.add_argument("--batch-questions", type=int, default=2000, help="questions for the batch job")
+    p.add_argument(
+        "--batch-questions", type=int, default=2000, help="questions for the batch job (issue 18's job: 4000)"
+    )
     p.add_argument("--batch-max-tokens", type=int, default=256, help="generation.max_tokens of the batch job")
     p.add_argument("--batch-gpus", type=float, default=1, help="compute.num_gpus_per_actor (0: CPU actors)")
     p.add_argument(
@@ -111,6 +115,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="batch YAML (default: batch/configs/mistral7b.yaml, or tiny.yaml for tiny-mistral)",
     )
     p.add_argument("--batch-timeout", type=float, default=1800, help="seconds one batch job may take")
+    p.add_argument(
+        "--batch-compile-cache",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="run each batch job twice on this engine.compile_cache folder (first, then warm), each run with "
+        "empty local Inductor/Triton caches, and report both runs' time split and engine ready",
+    )
     p.add_argument(
         "--work-dir", type=Path, default=None, help="adapters, questions, answers, logs (default: a temp dir)"
     )
@@ -289,7 +301,7 @@ def batch_actor_counts(b: Bench) -> list[int]:
 
 
 def phase_batch(b: Bench) -> dict:
-    from .batch_job import job_overrides, run_batch_job
+    from .batch_job import job_overrides, job_runs, split_line
     from .workload import write_alpaca_questions
 
     a = b.args
@@ -304,18 +316,16 @@ def phase_batch(b: Bench) -> dict:
         for actors in batch_actor_counts(b):
             engine = {**b.engine_settings(), "max_batch_size": a.batch_max_batch_size}
             overrides = job_overrides(a.model_name, actors, a.batch_gpus, engine, a.batch_max_tokens)
-            out = b.work / f"answers-{actors}"
             log(f"batch: {actors} actor(s), {a.batch_questions} questions ...")
-            run = run_batch_job(
-                config, questions, out, overrides, address, b.work / f"batch-{actors}.log", a.batch_timeout
-            )
-            gpus_used = actors * a.batch_gpus
-            run.update(actors=actors, gpus_per_actor=a.batch_gpus, tok_s=run["output_tokens"] / run["job_wall_s"])
-            run["tok_s_per_gpu"] = run["tok_s"] / gpus_used if gpus_used else None
-            runs.append(run)
-            log(
-                f"batch: {actors} actor(s): {run['tok_s']:.1f} tok/s, {run['rows_written']} rows, {run['job_wall_s']:.1f} s"
-            )
+            cache = a.batch_compile_cache
+            for run in job_runs(config, questions, b.work, str(actors), overrides, address, a.batch_timeout, cache):
+                gpus_used = actors * a.batch_gpus
+                run.update(actors=actors, gpus_per_actor=a.batch_gpus, tok_s=run["output_tokens"] / run["job_wall_s"])
+                run["tok_s_per_gpu"] = run["tok_s"] / gpus_used if gpus_used else None
+                runs.append(run)
+                who = f"{actors} actor(s)" + (f", {run['label']}" if run["label"] else "")
+                log(f"batch: {who}: {run['tok_s']:.1f} tok/s, {run['rows_written']} rows, {run['job_wall_s']:.1f} s")
+                log(f"batch: {who}: {split_line(run['time_split'])}")
     return {
         "questions": a.batch_questions,
         "runs": runs,

@@ -146,10 +146,23 @@ def _engine_step_rows(who: str, s: dict | None) -> list[tuple]:
     return [(f"{who}: engine step loop", s["ms_per_step"], "ms/step", note)]
 
 
+def _time_split_rows(who: str, t: dict | None) -> list[tuple]:
+    """The job's time split (batch/timing.py) and its first engine's start-up; none for an older log."""
+    if not t:
+        return []
+    parts = ("ray_start", "plan", "actors_ready", "waiting", "answering", "writing")
+    split = ", ".join(f"{p.replace('_', ' ')} {t[p + '_s']:.1f}" for p in parts)
+    ready = t["load_s"] + t["warm_up_s"]
+    note = f"load {t['load_s']:.1f} + warm-up {t['warm_up_s']:.1f} s, compile cache {t['compile_cache']}"
+    return [(f"{who}: time split", t["total_s"], "s", split), (f"{who}: engine ready", ready, "s", note)]
+
+
 def batch_rows(r: dict) -> list[tuple]:
     rows = []
     for run in r["runs"]:
-        who = f"{run['actors']} actor(s) x {run['gpus_per_actor']:g} GPU"
+        who = f"{run['actors']} actor(s) x {run['gpus_per_actor']:g} GPU" + (
+            f", {run['label']}" if run.get("label") else ""
+        )
         rows += [
             (f"{who}: output throughput", run["tok_s"], "tok/s", f"{run['output_tokens']} tokens, job wall time"),
             (f"{who}: per GPU", run.get("tok_s_per_gpu"), "tok/s", None),
@@ -162,6 +175,7 @@ def batch_rows(r: dict) -> list[tuple]:
                 + " s",
             ),
             *_engine_step_rows(who, run.get("engine_steps")),
+            *_time_split_rows(who, run.get("time_split")),
             (f"{who}: wall time", run["job_wall_s"], "s", f"process incl. start-up {run['process_wall_s']:.0f} s"),
             (
                 f"{who}: rows written",
