@@ -12,6 +12,7 @@ each must be defined at the top level of that file.
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from pathlib import Path
 
@@ -85,6 +86,7 @@ def module_exists(module: str, doc: str = "") -> bool:
     return base.with_suffix(".py").is_file() or (base / "__init__.py").is_file() or (base / "__main__.py").is_file()
 
 
+@functools.cache  # each cited file is parsed once, however many of its names are cited
 def top_level_names(path: Path) -> dict[str, ast.AST]:
     """Names defined at the top level of a module: functions, classes, assigned constants."""
     names: dict[str, ast.AST] = {}
