@@ -81,7 +81,7 @@ class TimeSplit:
             + ", ".join(f"{name} {s:.1f} s" for name, s in parts.items())
             + f" (total {self.total_s:.1f} s)",
             f"engine start:    actor {self.actor_start_s:.1f} s, model load {self.load_s:.1f} s, "
-            f"warm-up {self.warm_up_s:.1f} s, compile cache {self.compile_cache} ({len(self.engines)} engines)",
+            f"warm-up {self.warm_up_s:.1f} s, compile cache {self.compile_cache} ({len(self.engines)} engine(s) ready)",
         ]
 
     def log_line(self) -> str:
