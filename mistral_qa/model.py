@@ -272,8 +272,13 @@ def _random_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device):
 
     if cfg.name not in RANDOM_SHAPES:
         raise ModelLoadError(f"model.name={cfg.name!r}: random shapes are {sorted(RANDOM_SHAPES)}")
-    config = MistralConfig(**RANDOM_SHAPES[cfg.name], bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
-    config._attn_implementation = cfg.attn_implementation
+    config = MistralConfig(
+        **RANDOM_SHAPES[cfg.name],
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+        attn_implementation=cfg.attn_implementation,
+    )
     model = _build_random(config, cfg.seed, dtype, device)
     if cfg.load_in_4bit:
         # Built on the GPU in `dtype` (random fp16 on a CPU takes many minutes for the 7B shape), so the
