@@ -26,7 +26,7 @@ from .config import BatchJobConfig
 from .io import InputFiles, QuestionDatasource, check_question_column, list_inputs
 from .output import OUTPUT_SCHEMA, AnswerDatasink, check_output, prepare_output, setting_columns
 from .retry import drop_failed_rows
-from .timing import JobClock, Marks, TimeSplit, split
+from .timing import JobClock, Marks, TimeSplit, read_clock, split, tell
 
 log = logging.getLogger("batch")
 ADAPTER_NAME = "batch"
@@ -113,8 +113,7 @@ class Answerer:
         self.engine = (engine_factory or make_engine)(cfg)
         log.info("answerer: engine ready in %.1f s", time.perf_counter() - started)
         self.clock = clock  # the job's JobClock (timing.py); None outside a job
-        if clock is not None:  # waited for: the driver reads the clock once the job is done
-            ray.get(clock.engine_ready.remote(time.time(), getattr(self.engine, "startup", {})))
+        tell(clock, "engine_ready", time.time(), getattr(self.engine, "startup", {}))
         self.ready_stats = self.engine.stats()  # the warm-up (and its CUDA graph captures) is not the job's
         self.params = sampling_params(cfg)
         self.adapter = ADAPTER_NAME if cfg.adapter else None
@@ -145,8 +144,8 @@ class Answerer:
             self.engine, [r["prompt"] for r in todo], self.params, self.adapter, self.retries, self.template.stop
         )
         ended = time.time()
-        if self.clock is not None and todo:
-            ray.get(self.clock.engine_call.remote(started, ended))
+        if todo:
+            tell(self.clock, "engine_call", started, ended)
         tokens = sum(r.completion_tokens for r in results if not isinstance(r, Exception))
         # The wall-clock span too: calls of one actor may overlap (compute.calls_per_actor).
         log.info(
@@ -343,7 +342,7 @@ def run_batch(cfg: BatchJobConfig, engine_factory: Callable | None = None) -> Su
         marks.mark("submitted")
         dataset.write_datasink(sink)
         marks.mark("end")
-        timing = split(marks.times, ray.get(clock.read.remote()))
+        timing = split(marks.times, read_clock(clock))
     finally:
         ray.kill(clock)
     log.info(timing.log_line())

@@ -18,10 +18,13 @@ Each part is the span between two marks, so the parts add up to the total.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 
 import ray
+
+log = logging.getLogger("batch")
 
 
 @ray.remote(num_cpus=0)
@@ -43,6 +46,26 @@ class JobClock:
     def read(self) -> dict:
         engines = sorted(self.engines, key=lambda e: e["at"])
         return {"engines": engines, "first_call": self.first_call, "last_call": self.last_call}
+
+
+def tell(clock, mark: str, *args) -> None:
+    """Send the clock one of the actors' marks and wait for it (the driver reads the clock right after
+    the job); a clock gone wrong costs the split, never the answers."""
+    if clock is None:
+        return
+    try:
+        ray.get(getattr(clock, mark).remote(*args), timeout=60)
+    except Exception as err:  # a dead or hung clock actor: Ray's errors vary
+        log.warning("answerer: could not report %s to the job's clock: %r", mark, err)
+
+
+def read_clock(clock) -> dict:
+    """The clock's marks; none (the split then lacks the engine parts) when it cannot be read."""
+    try:
+        return ray.get(clock.read.remote(), timeout=60)
+    except Exception as err:  # as in tell(): the answers are written, a lost clock costs only the split
+        log.warning("batch: could not read the job's clock: %r", err)
+        return {"engines": [], "first_call": None, "last_call": None}
 
 
 @dataclass

@@ -12,7 +12,7 @@ import pytest
 
 from batch.config import BatchJobConfig
 from batch.pipeline import run_batch
-from batch.timing import split
+from batch.timing import JobClock, read_clock, split, tell
 from mistral_qa.configio import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,3 +61,17 @@ def test_a_real_job_reports_its_split(ray_session, tmp_path, caplog):
     assert "time split:" in lines and "warm-up" in lines and "compile cache missing" in lines
     logged = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("batch timing: "))
     assert json.loads(logged.removeprefix("batch timing: "))["answering_s"] == times.answering_s
+
+
+def test_a_lost_clock_costs_the_split_not_the_job(ray_session, caplog):
+    """The actors' marks and the driver's read log a warning when the clock actor is gone."""
+    import ray
+
+    clock = JobClock.remote()
+    tell(clock, "engine_call", 1.0, 2.0)
+    assert read_clock(clock)["first_call"] == 1.0
+    ray.kill(clock)
+    with caplog.at_level(logging.WARNING, logger="batch"):
+        tell(clock, "engine_call", 3.0, 4.0)
+        assert read_clock(clock) == {"engines": [], "first_call": None, "last_call": None}
+    assert "could not report engine_call" in caplog.text and "could not read the job's clock" in caplog.text
