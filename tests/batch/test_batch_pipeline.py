@@ -226,6 +226,14 @@ def test_thousand_questions_give_one_row_each_with_the_fixed_schema(thousand):
     assert summary.files == len(files) and all(n >= 200 for n in sizes[1:])  # output.rows_per_file=200
 
 
+def test_thousand_questions_report_their_time_split(thousand):
+    """batch/timing.py's split of this job (tests/batch/test_batch_timing.py has the rest)."""
+    times = thousand.summary.timing
+    parts = [times.ray_start_s, times.plan_s, times.actors_ready_s, times.waiting_s, times.answering_s, times.writing_s]
+    assert min(parts) >= 0 and sum(parts) == pytest.approx(times.total_s, abs=0.05)
+    assert times.load_s > 0 and times.answering_s > 0 and len(times.engines) == 1
+
+
 def test_greedy_batch_answers_equal_the_engine_one_prompt_at_a_time(thousand):
     from mistral_qa.engine import Engine, EngineConfig, SamplingParams
     from mistral_qa.prompt import build_prompt

@@ -38,6 +38,7 @@ def test_a_job_with_nothing_to_answer_counts_its_run_as_writing():
     assert (times.actors_ready_s, times.answering_s, times.writing_s, times.total_s) == (0.0, 0.0, 4.0, 7.0)
 
 
+@pytest.mark.slow  # a job of its own (~30 s); the default run checks the split of test_batch_pipeline's job
 def test_a_real_job_reports_its_split(ray_session, tmp_path, caplog):
     questions = tmp_path / "questions.jsonl"
     questions.write_text("".join(json.dumps({"question": f"Is screen time {i} bad?"}) + "\n" for i in range(16)))
