@@ -1,10 +1,9 @@
 """The repository's habits hold together (fast): CI lints before it tests, and pre-commit runs the
-ruff that the venv has, within pyproject's range, so a commit that passes the hook passes `make lint`."""
+ruff that pyproject pins (and the venv has), so a commit that passes the hook passes `make lint`."""
 
 from __future__ import annotations
 
 import importlib.metadata
-import re
 import subprocess
 from pathlib import Path
 
@@ -47,11 +46,13 @@ def test_pre_commit_runs_ruff_check_with_fix_and_ruff_format():
     assert "--fix" in hooks["ruff-check"].get("args", [])
 
 
-def test_pre_commit_ruff_is_the_venvs_and_within_the_dev_range():
+def test_ruff_is_pinned_once_for_ci_and_pre_commit():
+    """An unpinned ruff would let a new release reformat the tree and fail make lint on a fresh clone."""
     rev = ruff_hooks()["rev"]
-    assert re.fullmatch(r"v\d+\.\d+\.\d+", rev), rev
-    installed = importlib.metadata.version("ruff")
-    assert rev == f"v{installed}", f"pre-commit pins ruff {rev}, the venv has {installed}: move them together"
     dev = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["dev"]
     [ruff] = [Requirement(r) for r in dev if Requirement(r).name == "ruff"]
-    assert ruff.specifier.contains(installed), f"ruff {installed} is outside pyproject's dev range {ruff.specifier}"
+    [spec] = list(ruff.specifier)
+    assert spec.operator == "==", f"pyproject's dev extra must pin ruff exactly, not {ruff.specifier}"
+    assert rev == f"v{spec.version}", f"pre-commit pins ruff {rev}, pyproject {spec.version}: move them together"
+    installed = importlib.metadata.version("ruff")
+    assert installed == spec.version, f"the venv has ruff {installed}, pyproject pins {spec.version}: run make setup"
