@@ -186,7 +186,8 @@ def most_at_once(intervals: list[tuple[float, float]]) -> int:
     return most
 
 
-@pytest.mark.parametrize("calls", [pytest.param(1, marks=pytest.mark.slow), 2])  # 1: the contrast, ~15 s
+@pytest.mark.slow  # two real batch jobs, ~25 s
+@pytest.mark.parametrize("calls", [1, 2])  # 1: the contrast
 def test_an_actor_runs_calls_per_actor_engine_calls_at_once(ray_session, tmp_path, calls):
     """With 2, the next call's questions join the engine while the last call's answers finish."""
     questions = tmp_path / "questions.jsonl"

@@ -110,6 +110,7 @@ def test_cuda_summary_merges_streams_and_puts_kernels_in_the_range_that_launched
     assert "GPU busy 0.1 ms/step" in P.format_summary(s | {"trace": None})
 
 
+@pytest.mark.slow  # ~17 s of benchmark code, not the product
 def test_benchmark_profiles_the_project_step_on_cpu(tmp_path):
     out, trace = tmp_path / "bench.json", tmp_path / "trace.json.gz"
     args = "--model-name tiny-mistral --data builtin:mobile_health --device cpu --steps 2 --warmup 1".split()

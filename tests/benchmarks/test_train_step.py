@@ -119,6 +119,7 @@ def test_options_that_cannot_work_together_are_refused(capsys):
     assert parse_args([]).warmup == 10 and parse_args([]).steps == 50  # the issue's minimum by default
 
 
+@pytest.mark.slow  # ~17 s of benchmark code, not the product
 def test_fixed_row_batches_for_the_ladder(tmp_path):
     """--batch-tokens 0: the project's step on --baseline-batch rows per batch (no length grouping),
     to measure what grouping buys on its own; the losses still agree with HF's."""

@@ -127,6 +127,7 @@ def tiny_cluster_adapter(train_job, shared_dir) -> Path:
     return shared_dir / "outputs" / "tiny" / "adapter"
 
 
+@pytest.mark.slow  # a two-node local Ray cluster: ~2.5 min for the module's four tests
 def test_local_cluster_has_two_nodes_with_their_own_resources_and_temp_dirs(local_cluster):
     done = run(
         [str(BIN / "ray"), "list", "nodes", "--address", local_cluster.dashboard_url, "--format", "json", "--detail"],
@@ -142,6 +143,7 @@ def test_local_cluster_has_two_nodes_with_their_own_resources_and_temp_dirs(loca
         )
 
 
+@pytest.mark.slow  # a two-node local Ray cluster: ~2.5 min for the module's four tests
 def test_train_job_runs_one_worker_per_node_and_checkpoints_to_shared_storage(local_cluster, train_job, shared_dir):
     cmd = [str(BIN / "ray"), "list", "actors", "--address", local_cluster.dashboard_url, "--format", "json"]
     done = run([*cmd, "--detail", "--filter", "class_name=RayTrainWorker"], local_cluster, 60)
@@ -155,6 +157,7 @@ def test_train_job_runs_one_worker_per_node_and_checkpoints_to_shared_storage(lo
     assert f"adapter:    {adapter}" in train_job.stdout
 
 
+@pytest.mark.slow  # a two-node local Ray cluster: ~2.5 min for the module's four tests
 def test_batch_job_writes_complete_parquet(local_cluster, tiny_cluster_adapter, shared_dir):
     pq = pytest.importorskip("pyarrow.parquet")
     if not (ROOT / "batch" / "__main__.py").is_file():
@@ -200,6 +203,7 @@ def wait_for(url: str, timeout: float) -> requests.Response:
         time.sleep(1)
 
 
+@pytest.mark.slow  # a two-node local Ray cluster: ~2.5 min for the module's four tests
 def test_serve_deploy_of_serve_config_answers_http(local_cluster, tiny_cluster_adapter, tmp_path):
     if not (ROOT / "serve" / "config.yaml").is_file():
         pytest.skip("serve/config.yaml is not there yet")

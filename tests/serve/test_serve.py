@@ -258,6 +258,7 @@ def replica_actors(app: str) -> list[dict]:
     ]
 
 
+@pytest.mark.slow  # ~20 s; the engine-health replacement test is slow too
 def test_killed_replica_is_restarted(ray_session, http):
     """Runs last in this module: the app's only replica dies and Serve brings up a new one."""
     [victim] = replica_actors("mistral-qa")

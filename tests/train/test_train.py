@@ -70,6 +70,7 @@ def test_worker_failure_restarts_from_checkpoint_with_identical_losses(tiny_run,
     assert losses(out) == losses(tiny_run)  # steps 6-7 were replayed from checkpoint 5, bit for bit
 
 
+@pytest.mark.slow  # ~90 s; worker-failure recovery from a checkpoint stays in the default run
 def test_stopped_run_resumes_under_the_same_name(tiny_run, tmp_path):
     from ray.train.v2.api.exceptions import TrainingFailedError
 
