@@ -19,7 +19,7 @@ import argparse
 import sys
 
 from mistral_qa.configio import load_config
-from mistral_qa.entry import print_config, report, run_main
+from mistral_qa.entry import print_config, prog, report, run_main
 
 from .config import BatchJobConfig
 
@@ -28,7 +28,7 @@ FAILED_ROWS = 3  # exit status: more than output.max_failed_fraction of the rows
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m batch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=prog("python -m batch"), description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--config", required=True, help="YAML file under batch/configs/")
     parser.add_argument("--input", help="question file, folder or glob (local, s3://, gs://); sets input.path")

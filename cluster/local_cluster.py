@@ -34,6 +34,8 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from mistral_qa.entry import prog
+
 DEFAULT_ROOT = Path("/tmp/mistral-qa-cluster")  # short: Ray's socket paths live below it (108-byte limit)
 STATE_FILE = "cluster.json"
 CHECKOUT = Path(__file__).resolve().parents[1]  # the repository root, when run from a checkout
@@ -352,7 +354,7 @@ def stop_cluster(root: Path = DEFAULT_ROOT, grace_s: float = 20.0) -> int:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m cluster.local_cluster",
+        prog=prog("python -m cluster.local_cluster"),
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -20,6 +20,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from . import entry
+
 # command -> (module under mistral_qa whose main(argv) -> int runs it, one-line help). Each module is
 # imported only when its command runs: serving must not import training's dependencies.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -81,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["configs"]:
         return copy_configs(parser().parse_args(argv).dir)
     args, rest = parser().parse_known_args(argv[:1])  # only the command: the rest is the job's
-    return job_module(COMMANDS[args.command][0]).main(rest + argv[1:])
+    module = job_module(COMMANDS[args.command][0])
+    entry.invoked_as = f"mistral-qa {args.command}"  # the job's --help says how it was started
+    return module.main(rest + argv[1:])
 
 
 def job_module(name: str):

@@ -23,6 +23,15 @@ from .configio import ConfigError, dump_config
 CONFIG_ERROR = 2
 JOB_ERROR = 1
 
+# What the user typed to start the job, for its --help and usage lines: the `mistral-qa` command sets
+# it ("mistral-qa train"); otherwise each job names its `python -m` form.
+invoked_as: str | None = None
+
+
+def prog(module_form: str) -> str:
+    """The program name a job's argument parser shows: `mistral-qa <job>` or `python -m <job>`."""
+    return invoked_as or module_form
+
 
 def report(error: Exception | str, code: int) -> int:
     """Print `error: ...` on stderr and return `code` (the exit status)."""

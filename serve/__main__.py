@@ -18,7 +18,7 @@ import time
 
 from mistral_qa.adapters import AdapterError
 from mistral_qa.configio import ConfigError, apply_override, parse_override, read_yaml
-from mistral_qa.entry import CONFIG_ERROR, report, run_main
+from mistral_qa.entry import CONFIG_ERROR, prog, report, run_main
 
 from .ready import wait_until_ready
 
@@ -28,7 +28,7 @@ APP_NAME = "mistral-qa"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=prog("python -m serve"), description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
         "--adapter",

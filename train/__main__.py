@@ -16,7 +16,7 @@ from pathlib import Path
 
 from mistral_qa.configio import load_config
 from mistral_qa.data import DataSourceError
-from mistral_qa.entry import print_config, run_main
+from mistral_qa.entry import print_config, prog, run_main
 from mistral_qa.model import ModelLoadError
 from mistral_qa.preflight import PreflightError
 
@@ -25,7 +25,7 @@ from .config import TrainJobConfig
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=prog("python -m train"), description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--config", required=True, help="YAML file under train/configs/")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from mistral_qa.adapters import AdapterError
-from mistral_qa.entry import run_main
+from mistral_qa.entry import prog, run_main
 from mistral_qa.model import ModelLoadError
 
 from .merge import DTYPES, ExportError, export_merged, push_to_hub
@@ -24,7 +24,7 @@ from .merge import DTYPES, ExportError, export_merged, push_to_hub
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m train.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=prog("python -m train.export"), description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--adapter", required=True, help="outputs/<run>/adapter, a checkpoint folder, or s3:// / gs://")
     parser.add_argument("--out", required=True, type=Path, help="folder to write (must be empty or absent)")

@@ -134,9 +134,13 @@ def test_the_installed_package_runs_every_command_outside_the_checkout(installed
     results = dict(zip(map(" ".join, commands), report["results"]))
     for command, wanted in [
         ("--help", "mistral-qa"),
+        ("serve --help", "usage: mistral-qa serve"),  # each job's usage names the command that ran it
         ("serve --help", "--adapter"),
+        ("batch --help", "usage: mistral-qa batch"),
         ("batch --help", "--input"),
+        ("export --help", "usage: mistral-qa export"),
         ("export --help", "--out"),
+        ("train --help", "usage: mistral-qa train"),
         ("train --help", "--ask"),
         (f"train --config {packaged} --print-config", "source: builtin:mobile_health"),
         ("batch --config here/batch/configs/tiny.yaml --print-config", "engine:"),
