@@ -22,11 +22,13 @@ import json
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 from ray.data.datasource import FileBasedDatasource
+
+from mistral_qa.storage import resolve_filesystem
 
 from .config import InputSettings
 
@@ -49,14 +51,6 @@ class InputFiles:
     filesystem: pafs.FileSystem
     root: str
     paths: list[str]
-
-
-def resolve_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path inside it) for a local path or an s3:// / gs:// URI."""
-    if "://" in uri and not uri.startswith("file://"):
-        return pafs.FileSystem.from_uri(uri)
-    local = uri.removeprefix("file://")
-    return pafs.LocalFileSystem(), str(Path(local).expanduser().resolve())
 
 
 def format_of(path: str, forced: str = "auto") -> str | None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -58,15 +57,6 @@ def cache_key(model_config: dict, shape: dict) -> str:
     model = {k: v for k, v in model_config.items() if k != "_name_or_path"}  # where it was loaded from: not its shape
     digest = hashlib.sha256(json.dumps([model, shape], sort_keys=True, default=str).encode()).hexdigest()[:16]
     return f"engine-torch{torch.__version__}-{shape['device']}-{digest}.bin".replace("+", "_")
-
-
-def _filesystem(location: str):
-    """(pyarrow filesystem, folder path in it) for a local folder or a URI (s3://, gs://, file://)."""
-    import pyarrow.fs as pafs
-
-    if "://" in location:
-        return pafs.FileSystem.from_uri(location.rstrip("/"))
-    return pafs.LocalFileSystem(), os.path.abspath(location)
 
 
 class CompileCache:
@@ -134,7 +124,9 @@ class CompileCache:
 
     def _resolve(self) -> None:
         if self._fs is None:
-            self._fs, self._folder = _filesystem(self.report.location)
+            from ..storage import resolve_filesystem  # imports pyarrow: only when a cache is set
+
+            self._fs, self._folder = resolve_filesystem(self.report.location.rstrip("/"))
             self._path = f"{self._folder}/{self.report.file}"
 
     def _write(self, data: bytes) -> None:
