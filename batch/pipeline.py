@@ -300,10 +300,11 @@ def with_absolute_paths(cfg: BatchJobConfig) -> BatchJobConfig:
 
 
 def check_model(cfg: BatchJobConfig) -> None:
-    """Fail on the driver, before Ray starts, when the adapter or the base model's tokenizer cannot be found."""
+    """Fail on the driver, before Ray starts, when the adapter or the base model's tokenizer cannot be
+    found (found, not loaded: the actors load it)."""
     from mistral_qa.adapters import is_remote, read_training_config, resolve_adapter
     from mistral_qa.config import ModelConfig
-    from mistral_qa.model import load_tokenizer
+    from mistral_qa.model import locate_tokenizer
 
     model = cfg.model
     if cfg.adapter and not is_remote(cfg.adapter):  # remote adapters are fetched by the actors
@@ -311,7 +312,7 @@ def check_model(cfg: BatchJobConfig) -> None:
         if model is None and "model" in training:
             model = ModelConfig.model_validate(training["model"])
     if model is not None:
-        load_tokenizer(model)
+        locate_tokenizer(model)
 
 
 def run_batch(cfg: BatchJobConfig, engine_factory: Callable | None = None) -> Summary:
