@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import psutil
 import pyarrow as pa
 import ray
 from ray.data import ActorPoolStrategy, DataContext
@@ -109,11 +110,16 @@ class Answerer:
     def __init__(self, job: dict, done_ids, engine_factory: Callable | None = None, clock=None):
         logging.basicConfig(level=logging.INFO, format="%(message)s")  # this actor's own process
         started = time.perf_counter()
+        # Where the actor's start went, besides the engine's own parts: the worker process's age when
+        # this constructor began, and the whole engine build (its imports, load and warm-up).
+        process_s = time.time() - psutil.Process().create_time()
         cfg = BatchJobConfig.model_validate(job)
         self.engine = (engine_factory or make_engine)(cfg)
-        log.info("answerer: engine ready in %.1f s", time.perf_counter() - started)
+        engine_s = time.perf_counter() - started
+        log.info("answerer: engine ready in %.1f s", engine_s)
         self.clock = clock  # the job's JobClock (timing.py); None outside a job
-        tell(clock, "engine_ready", time.time(), getattr(self.engine, "startup", {}))
+        startup = {**getattr(self.engine, "startup", {}), "process_s": process_s, "engine_build_s": engine_s}
+        tell(clock, "engine_ready", time.time(), startup)
         self.ready_stats = self.engine.stats()  # the warm-up (and its CUDA graph captures) is not the job's
         self.params = sampling_params(cfg)
         self.adapter = ADAPTER_NAME if cfg.adapter else None

@@ -31,9 +31,21 @@ from .profiling import Work, merged_length
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def job_overrides(model_name: str, actors: int, gpus_per_actor: float, engine: dict, max_tokens: int) -> list[str]:
-    """Overrides that turn a shipped batch config into this benchmark's run (random base, no adapter)."""
+def job_overrides(
+    model_name: str,
+    actors: int,
+    gpus_per_actor: float,
+    engine: dict,
+    max_tokens: int,
+    call_rows: int | None = None,
+    calls_per_actor: int | None = None,
+) -> list[str]:
+    """Overrides that turn a shipped batch config into this benchmark's run (random base, no adapter).
+    call_rows / calls_per_actor: compute.batch_size / calls_per_actor (None: the config's)."""
+    compute = [f"compute.batch_size={call_rows}"] if call_rows else []
+    compute += [f"compute.calls_per_actor={calls_per_actor}"] if calls_per_actor else []
     return [
+        *compute,
         "model.source=random",
         f"model.name={model_name}",
         "adapter=null",
@@ -44,7 +56,6 @@ def job_overrides(model_name: str, actors: int, gpus_per_actor: float, engine: d
         f"engine.max_context={engine['max_context']}",
         f"engine.prefill_tokens={engine['prefill_tokens']}",
         f"engine.decode_attention={engine['decode_attention']}",
-        f"compute.batch_size={engine['max_batch_size']}",  # 2 calls per actor: the next one refills freed slots
         f"generation.max_tokens={max_tokens}",
         f"compute.num_actors={actors}",
         f"compute.max_actors={actors}",

@@ -47,6 +47,15 @@ PHASES = ("engine", "adapters", "serve", "batch", "hf")  # the order they run in
 DEFAULT_ALPACA = ROOT.parent / "shared" / "data" / "alpaca_en_demo.json"
 
 
+def slots_setting(value: str) -> int | str:
+    """engine.max_batch_size on the command line: auto, or a positive count."""
+    if value == "auto":
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: give auto or a positive count")
+    return int(value)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.serving", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -105,7 +114,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--stream-interval-ms", type=float, default=40, help="Serve's stream_interval_ms (0: a message per token)"
     )
     p.add_argument(
-        "--batch-max-batch-size", type=int, default=256, help="the batch job's engine.max_batch_size (throughput)"
+        "--batch-max-batch-size",
+        type=slots_setting,
+        default="auto",
+        help="the batch job's engine.max_batch_size: a count, or auto (as many as the card holds, up to 512)",
+    )
+    p.add_argument(
+        "--batch-call-rows", type=int, default=None, help="the batch job's compute.batch_size (default: the config's)"
+    )
+    p.add_argument(
+        "--batch-calls-per-actor",
+        type=int,
+        default=None,
+        help="the batch job's compute.calls_per_actor (default: the config's)",
     )
     p.add_argument("--batch-actors", default="auto", help="comma-separated actor counts; auto: 1, and 2 with 2+ GPUs")
     p.add_argument(
@@ -315,7 +336,15 @@ def phase_batch(b: Bench) -> dict:
     with gpu.SmiPeak() as peak:
         for actors in batch_actor_counts(b):
             engine = {**b.engine_settings(), "max_batch_size": a.batch_max_batch_size}
-            overrides = job_overrides(a.model_name, actors, a.batch_gpus, engine, a.batch_max_tokens)
+            overrides = job_overrides(
+                a.model_name,
+                actors,
+                a.batch_gpus,
+                engine,
+                a.batch_max_tokens,
+                a.batch_call_rows,
+                a.batch_calls_per_actor,
+            )
             log(f"batch: {actors} actor(s), {a.batch_questions} questions ...")
             cache = a.batch_compile_cache
             for run in job_runs(config, questions, b.work, str(actors), overrides, address, a.batch_timeout, cache):

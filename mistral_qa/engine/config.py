@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
@@ -22,7 +22,12 @@ class EngineSettings(StrictModel):
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
         "auto", description="Weights and activations; auto: float16 on CUDA, float32 on CPU."
     )
-    max_batch_size: int = Field(32, ge=1, description="Most sequences decoded together in one step.")
+    max_batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        32,
+        description="Most sequences decoded together in one step (each holds a KV cache slot of max_context "
+        "tokens). auto: on CUDA the most slots, a power of two up to 512, whose cache fits in the memory left "
+        "free by the model less a tenth of the card (for a card the engine has to itself); on CPU 32.",
+    )
     max_context: int | None = Field(
         None, ge=16, description="Prompt + answer tokens per sequence; None: the model's limit, capped at 4096."
     )

@@ -17,6 +17,7 @@ from .decoder import SlotDecoder
 from .engine_thread import EngineThread
 from .errors import EngineError, EngineFailure, InvalidParameter, PromptTooLong, UnknownModel
 from .grammar import Grammars
+from .kv_cache import auto_slots
 from .request import Completion, Delta, Request, SamplingParams
 from .runner import StepRunner
 from .stats import difference
@@ -55,7 +56,7 @@ class Engine:
         self._loaded = loading.load(cfg)
         # How start-up went, for the batch job's and the benchmarks' reports: seconds to load the model
         # and to warm up, and what the compile cache did (compile_cache.CompileCacheReport).
-        self.startup: dict = {"load_s": time.perf_counter() - started, "warm_up_s": 0.0}
+        self.startup: dict = {"load_s": time.perf_counter() - started, "warm_up_s": 0.0, **self._loaded.times}
         log.info("engine: model loaded in %.1f s", self.startup["load_s"])
         self.tokenizer = self._loaded.tokenizer
         self.max_context = loading.context_limit(self._loaded.model, cfg.max_context)
@@ -64,13 +65,14 @@ class Engine:
         self.training_config = self._loaded.training_config
         self.model_config = self._loaded.model_config
         loaded = self._loaded
+        self.max_batch_size = self._slots(cfg, loaded)
         adapters = [] if loaded.merged else list(loaded.adapters)  # merged: the weights hold the adapter
         decoder = SlotDecoder(
-            loaded.model, adapters, cfg.max_batch_size, self.max_context, decode_attention(cfg, loaded)
+            loaded.model, adapters, self.max_batch_size, self.max_context, decode_attention(cfg, loaded)
         )
         eos = eos_ids(loaded.model, self.tokenizer)
         runner = StepRunner(
-            decoder, adapters, cfg.max_batch_size, self.max_context, eos, cfg.compile, cfg.prefill_tokens
+            decoder, adapters, self.max_batch_size, self.max_context, eos, cfg.compile, cfg.prefill_tokens
         )
         self._runner = runner
         self._thread = EngineThread(runner)
@@ -97,12 +99,26 @@ class Engine:
         cache = self._compile_cache
         if cache is not None:
             cache.load()  # once: later warm-ups find it done
+        answering = time.perf_counter()
         self.generate(["Hello"], SamplingParams(max_tokens=4, temperature=0.0), adapter=self.model_names[0])
+        saving = time.perf_counter()
         if cache is not None:
             cache.save()
         self.startup["warm_up_s"] = time.perf_counter() - started
+        # Of warm_up_s: loading the compile cache, the first answer (tracing, compiling, first graphs), saving.
+        parts = {"cache_load_s": answering - started, "first_answer_s": saving - answering}
+        self.startup.update(parts, cache_save_s=time.perf_counter() - saving)
         self.startup["compile_cache"] = (cache.report if cache else CompileCacheReport()).as_dict()
         log.info("engine warmed up in %.1f s", self.startup["warm_up_s"])
+
+    def _slots(self, cfg: EngineConfig, loaded) -> int:
+        """engine.max_batch_size, with auto resolved on the loaded model's device (kv_cache.auto_slots)."""
+        if cfg.max_batch_size != "auto":
+            return cfg.max_batch_size
+        dtype = loading.pick_dtype(cfg.dtype, loaded.device)  # the model's, and so the cache's
+        slots = auto_slots(loaded.model.config, dtype, loaded.device, self.max_context)
+        log.info("engine: max_batch_size=auto: %d slots of %d tokens", slots, self.max_context)
+        return slots
 
     def _compiled_shape(self, decoder: SlotDecoder) -> dict:
         """What the compile cache's key holds besides the model: everything that shapes the compiled graphs."""
@@ -111,7 +127,7 @@ class Engine:
             "device": device_tag(decoder.device),
             "dtype": str(decoder.dtype),
             "compile": cfg.compile,
-            "max_batch_size": cfg.max_batch_size,
+            "max_batch_size": self.max_batch_size,
             "max_context": self.max_context,
             "prefill_tokens": cfg.prefill_tokens,
             "decode_attention": decoder.attention,

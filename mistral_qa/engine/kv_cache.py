@@ -14,6 +14,44 @@ from ..model import ModelLoadError
 
 # CPU: the cache starts this many columns wide and grows with the longest sequence (see KVCache).
 CPU_START_COLUMNS = 256
+# engine.max_batch_size=auto (auto_slots): at most this many slots (the largest measured, BENCHMARKS.md,
+# "The batch job's start-up"), a power of two (the decode steps' buckets are), and this share of the
+# card kept free for activations, CUDA graphs and the allocator; on CPU the setting's default.
+AUTO_MAX_SLOTS = 512
+AUTO_HEADROOM = 0.10
+AUTO_CPU_SLOTS = 32
+
+
+def slot_bytes(layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, slot_len: int) -> int:
+    """Bytes of one sequence's keys and values over all layers, slot_len tokens long."""
+    return 2 * layers * kv_heads * head_dim * dtype.itemsize * slot_len
+
+
+def fit_slots(free: int, total: int, per_slot: int) -> int:
+    """The most slots, a power of two up to AUTO_MAX_SLOTS, whose cache fits in `free` bytes less
+    AUTO_HEADROOM of the card's `total`; 0 when not even one does."""
+    room = free - AUTO_HEADROOM * total
+    fits = int(room // per_slot) if room > 0 else 0
+    return min(AUTO_MAX_SLOTS, 1 << (fits.bit_length() - 1)) if fits else 0
+
+
+def auto_slots(config, dtype: torch.dtype, device: torch.device, slot_len: int) -> int:
+    """engine.max_batch_size=auto for a model (its transformers config) already on `device`;
+    ModelLoadError when not one slot fits."""
+    if device.type != "cuda":
+        return AUTO_CPU_SLOTS
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    per_slot = slot_bytes(config.num_hidden_layers, kv_heads, head_dim, dtype, slot_len)
+    free, total = torch.cuda.mem_get_info(device)
+    slots = fit_slots(free, total, per_slot)
+    if not slots:
+        raise ModelLoadError(
+            f"max_batch_size=auto: not one sequence of {slot_len} tokens ({per_slot / 2**30:.2f} GiB of KV cache) "
+            f"fits in the {free / 2**30:.1f} GiB left free next to the model, less {AUTO_HEADROOM:.0%} of the "
+            "card: lower max_context"
+        )
+    return slots
 
 
 class KVCache:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,7 @@ class LoadedModel:
     adapters: dict[str, Path] = field(default_factory=dict)
     training_config: dict | None = None
     merged: bool = False
+    times: dict[str, float] = field(default_factory=dict)  # seconds: tokenizer, model, adapters
 
 
 def pick_device(name: str) -> torch.device:
@@ -92,13 +94,18 @@ def load(cfg: EngineConfig) -> LoadedModel:
         raise ModelLoadError("merge_adapter cannot merge into 4-bit weights; turn one of them off")
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
+    marks = [time.perf_counter()]
     tokenizer = load_tokenizer(model_cfg)
+    marks.append(time.perf_counter())
     model = load_base_model(model_cfg, dtype, device)
+    marks.append(time.perf_counter())
     if adapters:
         model = attach_adapters(model, adapters, cfg.merge_adapter)
+    marks.append(time.perf_counter())
+    times = {name: end - start for name, start, end in zip(("tokenizer_s", "model_s", "adapters_s"), marks, marks[1:])}
     model.eval()
     first = next(iter(training_configs.values()), None)
-    return LoadedModel(model, tokenizer, model_cfg, device, adapters, first, merged=cfg.merge_adapter)
+    return LoadedModel(model, tokenizer, model_cfg, device, adapters, first, merged=cfg.merge_adapter, times=times)
 
 
 def context_limit(model, requested: int | None) -> int:

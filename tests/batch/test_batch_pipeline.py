@@ -233,6 +233,13 @@ def test_thousand_questions_report_their_time_split(thousand):
     parts = [times.ray_start_s, times.plan_s, times.actors_ready_s, times.waiting_s, times.answering_s, times.writing_s]
     assert min(parts) >= 0 and sum(parts) == pytest.approx(times.total_s, abs=0.05)
     assert times.load_s > 0 and times.answering_s > 0 and len(times.engines) == 1
+    # The engine's start-up in parts: the actor's process and engine build, the load's, the warm-up's.
+    engine = times.engines[0]
+    assert engine["tokenizer_s"] > 0 and engine["model_s"] > 0 and engine["adapters_s"] > 0
+    assert engine["tokenizer_s"] + engine["model_s"] + engine["adapters_s"] <= engine["load_s"]
+    assert engine["cache_load_s"] >= 0 and engine["first_answer_s"] > 0 and engine["cache_save_s"] >= 0
+    assert engine["first_answer_s"] <= engine["warm_up_s"]
+    assert engine["process_s"] > 0 and engine["engine_build_s"] >= engine["load_s"] + engine["warm_up_s"]
 
 
 def test_greedy_batch_answers_equal_the_engine_one_prompt_at_a_time(thousand):

@@ -188,6 +188,7 @@ TINY_RUN = [
     "--hf-cb-requests", "4", "--concurrency", "4", "--requests", "8", "--adapter-batch", "4",
     "--adapter-repeats", "2",
     "--batch-questions", "40", "--batch-max-tokens", "8", "--batch-gpus", "0", "--batch-max-batch-size", "4",
+    "--batch-call-rows", "4",
     "--profile-steps", "3",
 ]  # fmt: skip
 
