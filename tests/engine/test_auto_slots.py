@@ -53,7 +53,9 @@ def test_the_setting_takes_auto_or_a_positive_count_and_names_itself_otherwise()
 
 
 def test_auto_on_cpu_is_the_cpu_default_and_the_engine_answers():
-    eng = Engine(EngineConfig(model=ModelConfig(source="random", name="tiny-mistral"), max_batch_size="auto"))
+    eng = Engine(
+        EngineConfig(model=ModelConfig(source="random", name="tiny-mistral"), device="cpu", max_batch_size="auto")
+    )
     try:
         assert eng.max_batch_size == AUTO_CPU_SLOTS == eng.runner.max_batch_size
         assert eng.runner.decoder.cache.slots == AUTO_CPU_SLOTS

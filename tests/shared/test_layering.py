@@ -39,3 +39,18 @@ def test_a_config_schema_loads_without_torch(module):
     code = f"import sys, {module}; print(sorted(m for m in ('torch', 'ray') if m in sys.modules))"
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_the_batch_driver_checks_the_model_without_torch(tmp_path):
+    """The batch job's driver checks that the base model's tokenizer can be found before Ray starts, and
+    never imports torch or transformers for it (they cost its start-up seconds; the actors load them)."""
+    code = (
+        "import sys\n"
+        "from batch.config import BatchJobConfig\n"
+        "from batch.pipeline import check_model\n"
+        "check_model(BatchJobConfig(model={'source': 'random', 'name': 'mistral-7b'}))\n"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
