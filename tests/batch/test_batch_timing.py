@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import pytest
@@ -72,7 +73,22 @@ def test_a_lost_clock_costs_the_split_not_the_job(ray_session, caplog):
     tell(clock, "engine_call", 1.0, 2.0)
     assert read_clock(clock)["first_call"] == 1.0
     ray.kill(clock)
+    wait_until_dead(clock)  # ray.kill returns before the actor is gone: a call right after it can still land
     with caplog.at_level(logging.WARNING, logger="batch"):
         tell(clock, "engine_call", 3.0, 4.0)
         assert read_clock(clock) == {"engines": [], "first_call": None, "last_call": None}
     assert "could not report engine_call" in caplog.text and "could not read the job's clock" in caplog.text
+
+
+def wait_until_dead(actor, timeout_s: float = 60.0) -> None:
+    import ray
+    from ray.exceptions import RayActorError
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.read.remote(), timeout=10)
+        except RayActorError:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"the actor was still answering {timeout_s:.0f} s after ray.kill")
