@@ -120,4 +120,10 @@ class BatchJobConfig(StrictModel):
             raise ValueError("compute.max_actors must be at least compute.num_actors")
         if self.engine.device == "cuda" and self.compute.num_gpus_per_actor == 0:
             raise ValueError("engine.device=cuda needs compute.num_gpus_per_actor > 0")
+        if self.engine.max_batch_size == "auto" and 0 < self.compute.num_gpus_per_actor < 1:
+            # Each actor would size its cache to the whole card's free memory, and the second one on the card fails.
+            raise ValueError(
+                "engine.max_batch_size=auto sizes the KV cache for a GPU the actor has to itself; with "
+                f"compute.num_gpus_per_actor={self.compute.num_gpus_per_actor:g} give engine.max_batch_size a number"
+            )
         return self

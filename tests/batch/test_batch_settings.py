@@ -52,6 +52,16 @@ def test_a_setting_the_engine_refuses_fails_at_config_validation(tmp_path, capsy
     assert not (tmp_path / "out").exists()
 
 
+def test_auto_slots_need_a_whole_gpu_per_actor():
+    """max_batch_size=auto fills the card's free memory: two actors sharing a card would not both fit."""
+    gpu = ROOT / "batch" / "configs" / "mistral7b.yaml"
+    assert load_config(BatchJobConfig, gpu, []).engine.max_batch_size == "auto"
+    with pytest.raises(ConfigError, match="compute.num_gpus_per_actor=0.5 give engine.max_batch_size a number"):
+        load_config(BatchJobConfig, gpu, ["compute.num_gpus_per_actor=0.5"])
+    shared = load_config(BatchJobConfig, gpu, ["compute.num_gpus_per_actor=0.5", "engine.max_batch_size=64"])
+    assert shared.engine.max_batch_size == 64
+
+
 def test_yaml_configs_keep_their_generation_keys():
     for path in sorted((ROOT / "batch" / "configs").glob("*.yaml")):
         cfg = load_config(BatchJobConfig, path, [])
