@@ -17,7 +17,6 @@ from .decoder import SlotDecoder
 from .engine_thread import EngineThread
 from .errors import EngineError, EngineFailure, InvalidParameter, PromptTooLong, UnknownModel
 from .grammar import Grammars
-from .kv_cache import auto_slots
 from .request import Completion, Delta, Request, SamplingParams
 from .runner import StepRunner
 from .stats import difference
@@ -65,11 +64,13 @@ class Engine:
         self.training_config = self._loaded.training_config
         self.model_config = self._loaded.model_config
         loaded = self._loaded
-        self.max_batch_size = self._slots(cfg, loaded)
         adapters = [] if loaded.merged else list(loaded.adapters)  # merged: the weights hold the adapter
         decoder = SlotDecoder(
-            loaded.model, adapters, self.max_batch_size, self.max_context, decode_attention(cfg, loaded)
+            loaded.model, adapters, cfg.max_batch_size, self.max_context, decode_attention(cfg, loaded)
         )
+        self.max_batch_size = decoder.cache.slots  # engine.max_batch_size, with auto resolved
+        if cfg.max_batch_size == "auto":
+            log.info("engine: max_batch_size=auto: %d slots of %d tokens", self.max_batch_size, self.max_context)
         eos = eos_ids(loaded.model, self.tokenizer)
         runner = StepRunner(
             decoder, adapters, self.max_batch_size, self.max_context, eos, cfg.compile, cfg.prefill_tokens
@@ -106,19 +107,11 @@ class Engine:
             cache.save()
         self.startup["warm_up_s"] = time.perf_counter() - started
         # Of warm_up_s: loading the compile cache, the first answer (tracing, compiling, first graphs), saving.
-        parts = {"cache_load_s": answering - started, "first_answer_s": saving - answering}
-        self.startup.update(parts, cache_save_s=time.perf_counter() - saving)
+        self.startup["cache_load_s"] = answering - started
+        self.startup["first_answer_s"] = saving - answering
+        self.startup["cache_save_s"] = time.perf_counter() - saving
         self.startup["compile_cache"] = (cache.report if cache else CompileCacheReport()).as_dict()
         log.info("engine warmed up in %.1f s", self.startup["warm_up_s"])
-
-    def _slots(self, cfg: EngineConfig, loaded) -> int:
-        """engine.max_batch_size, with auto resolved on the loaded model's device (kv_cache.auto_slots)."""
-        if cfg.max_batch_size != "auto":
-            return cfg.max_batch_size
-        dtype = loading.pick_dtype(cfg.dtype, loaded.device)  # the model's, and so the cache's
-        slots = auto_slots(loaded.model.config, dtype, loaded.device, self.max_context)
-        log.info("engine: max_batch_size=auto: %d slots of %d tokens", slots, self.max_context)
-        return slots
 
     def _compiled_shape(self, decoder: SlotDecoder) -> dict:
         """What the compile cache's key holds besides the model: everything that shapes the compiled graphs."""

@@ -15,16 +15,17 @@ import torch
 from torch import nn
 
 from .attention import chunk_attention, flex_mask, packed_attention, packed_causal, per_prompt_causal
-from .kv_cache import KVCache
+from .kv_cache import KVCache, auto_slots
 from .wiring import DecodeRows, decode_layer, finish_layer, qkv, wire
 
 DECODE_ATTENTION = ("sdpa", "flex")
 
 
 class SlotDecoder:
-    def __init__(self, model: nn.Module, adapters: list[str], slots: int, slot_len: int, attention: str = "sdpa"):
-        """`model` as loaded (PEFT-wrapped when adapters are attached unmerged). `attention` is decode's:
-        "sdpa" reads the same context columns for every row, "flex" only the KV blocks each row needs."""
+    def __init__(self, model: nn.Module, adapters: list[str], slots: int | str, slot_len: int, attention: str = "sdpa"):
+        """`model` as loaded (PEFT-wrapped when adapters are attached unmerged). `slots`: cache slots, or
+        "auto" (kv_cache.auto_slots: as many as the device holds). `attention` is decode's: "sdpa" reads
+        the same context columns for every row, "flex" only the KV blocks each row needs."""
         if attention not in DECODE_ATTENTION:
             raise ValueError(f"decode attention {attention!r}: choose one of {', '.join(DECODE_ATTENTION)}")
         self.attention = attention
@@ -34,6 +35,8 @@ class SlotDecoder:
         self.device, self.dtype = self.wiring.device, self.wiring.dtype
         self.decode_layer, self.qkv, self.finish_layer = decode_layer, qkv, finish_layer
         _, kv_heads, head_dim, _ = self.dims
+        if slots == "auto":
+            slots = auto_slots(len(self.layers), kv_heads, head_dim, self.dtype, self.device, slot_len)
         self.cache = KVCache(len(self.layers), slots, slot_len, kv_heads, head_dim, self.dtype, self.device)
 
     # -- the layers ------------------------------------------------------------------------------

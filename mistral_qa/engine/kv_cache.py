@@ -35,14 +35,14 @@ def fit_slots(free: int, total: int, per_slot: int) -> int:
     return min(AUTO_MAX_SLOTS, 1 << (fits.bit_length() - 1)) if fits else 0
 
 
-def auto_slots(config, dtype: torch.dtype, device: torch.device, slot_len: int) -> int:
-    """engine.max_batch_size=auto for a model (its transformers config) already on `device`;
+def auto_slots(
+    layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device, slot_len: int
+) -> int:
+    """engine.max_batch_size=auto for a cache of this shape, next to a model already on `device`;
     ModelLoadError when not one slot fits."""
     if device.type != "cuda":
         return AUTO_CPU_SLOTS
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    per_slot = slot_bytes(config.num_hidden_layers, kv_heads, head_dim, dtype, slot_len)
+    per_slot = slot_bytes(layers, kv_heads, head_dim, dtype, slot_len)
     free, total = torch.cuda.mem_get_info(device)
     slots = fit_slots(free, total, per_slot)
     if not slots:
@@ -79,8 +79,7 @@ class KVCache:
 
     def out_of_memory_message(self) -> str:
         """What the whole cache needs, and what to lower when that is more than the device has free."""
-        per_token = 2 * self.layers * self.kv_heads * self.head_dim * self.dtype.itemsize
-        gib = per_token * self.slots * self.slot_len / 2**30
+        gib = slot_bytes(self.layers, self.kv_heads, self.head_dim, self.dtype, self.slot_len) * self.slots / 2**30
         return (
             f"the KV cache for {self.slots} sequences x {self.slot_len} tokens needs {gib:.1f} GiB, more than is "
             "free next to the model: lower max_batch_size or max_context"

@@ -68,8 +68,5 @@ def test_auto_on_cpu_is_the_cpu_default_and_the_engine_answers():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.gpu
 def test_auto_refuses_a_context_that_leaves_no_slot():
-    from transformers import MistralConfig
-
-    huge = MistralConfig(num_hidden_layers=4096, num_key_value_heads=64, head_dim=128, num_attention_heads=64)
-    with pytest.raises(ModelLoadError, match="max_context"):
-        auto_slots(huge, torch.float16, torch.device("cuda"), 1 << 20)
+    with pytest.raises(ModelLoadError, match="max_context"):  # 4,096 layers x 64 KV heads x 2^20 tokens: 128 TiB
+        auto_slots(4096, 64, 128, torch.float16, torch.device("cuda"), 1 << 20)
