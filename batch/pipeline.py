@@ -184,7 +184,7 @@ class Answerer:
         log.info(
             "answerer: engine since ready: %d steps, %.1f ms/step, %.1f rows/step, context %.0f cols for longest "
             "%.0f, busy %.2f s, launch %.2f s, GPU wait %.2f s, text %.2f s, prefill %.2f s (%d calls, %d prompts, "
-            "%d tokens)",
+            "%d tokens), graphs %d (%.2f s)",
             s["steps"],
             s["ms_per_step"],
             s["rows_per_step"],
@@ -198,6 +198,8 @@ class Answerer:
             s["prefill_calls"],
             s["prefill_prompts"],
             s["prefill_tokens"],
+            s["graphs"],
+            s["capture_s"],
         )
 
     def _check_length(self, row: dict) -> None:

@@ -206,10 +206,10 @@ STATS_LINE = re.compile(
     r"(?P<rows_per_step>[0-9.]+) rows/step, context (?P<context_cols>[0-9.]+) cols for longest (?P<longest>[0-9.]+), "
     r"busy (?P<busy_s>[0-9.]+) s, launch (?P<launch_s>[0-9.]+) s, GPU wait (?P<gpu_wait_s>[0-9.]+) s, "
     r"text (?P<text_s>[0-9.]+) s, prefill (?P<prefill_s>[0-9.]+) s \((?P<prefill_calls>\d+) calls, "
-    r"(?P<prefill_prompts>\d+) prompts, (?P<prefill_tokens>\d+) tokens\)"
+    r"(?P<prefill_prompts>\d+) prompts, (?P<prefill_tokens>\d+) tokens\), graphs (?P<graphs>\d+) \((?P<capture_s>[0-9.]+) s\)"
 )
-SECONDS = ("busy_s", "launch_s", "gpu_wait_s", "text_s", "prefill_s")
-COUNTS = ("steps", "prefill_calls", "prefill_prompts", "prefill_tokens")
+SECONDS = ("busy_s", "launch_s", "gpu_wait_s", "text_s", "prefill_s", "capture_s")
+COUNTS = ("steps", "prefill_calls", "prefill_prompts", "prefill_tokens", "graphs")
 MEANS = {"rows_per_step": "rows", "context_cols": "context_columns", "longest": "longest"}  # line -> counter
 
 

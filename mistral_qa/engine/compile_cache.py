@@ -145,3 +145,14 @@ def engine_cache(location: str | None, model, settings: dict) -> CompileCache | 
     if location is None:
         return None
     return CompileCache(location, cache_key(model.config.to_dict(), settings))
+
+
+def compile_seconds() -> float:
+    """Seconds torch.compile has spent compiling in this process so far (Dynamo's tracing through
+    Inductor, cache hits included), for the start-up report; 0 where this torch does not say."""
+    try:
+        from torch._dynamo.utils import calculate_time_spent  # private: a report, never a dependency
+
+        return float(calculate_time_spent().get("entire_frame_compile", 0.0))
+    except Exception:
+        return 0.0

@@ -9,9 +9,12 @@ attention is per row, so its padding (rows and context columns) does not change 
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from .decoder import SlotDecoder
+from .stats import EngineStats
 
 GEMM_ROWS = 64  # CUDA: least rows in every decode matmul
 # CUDA: least attention rows. torch.compile specialises a size of 1, so a 1-row step would compile the
@@ -41,9 +44,12 @@ class DecodeSteps:
         use_graphs: bool | None = None,
         padded: bool | None = None,
         prefill_tokens: int = PREFILL_TOKENS,
+        stats: EngineStats | None = None,
     ):
-        """use_graphs and padded (bucketed shapes) default to whether the decoder is on CUDA."""
+        """use_graphs and padded (bucketed shapes) default to whether the decoder is on CUDA. `stats`
+        counts the CUDA graphs recorded and their time."""
         self.decoder = decoder
+        self.stats = stats or EngineStats()
         self.prefill_tokens = prefill_tokens
         cuda = decoder.device.type == "cuda"
         self.use_graphs = cuda if use_graphs is None else use_graphs
@@ -96,7 +102,9 @@ class DecodeSteps:
             )
             return logits[:n]
         if key not in self.graphs:
+            started = time.perf_counter()
             self.graphs[key] = self._capture(*key)
+            self.stats.graph_captured(time.perf_counter() - started)
         graph, logits = self.graphs[key]
         graph.replay()
         return logits[:n]

@@ -47,13 +47,13 @@ class StepRunner:
     ):
         self.decoder = decoder
         cuda = decoder.device.type == "cuda"
-        self.steps = DecodeSteps(decoder, compile=compile and cuda, prefill_tokens=prefill_tokens)
+        self.stats = EngineStats()
+        self.steps = DecodeSteps(decoder, compile=compile and cuda, prefill_tokens=prefill_tokens, stats=self.stats)
         self.scheduler = Scheduler(adapters, max_batch_size, max_context)
         self.max_batch_size = max_batch_size
         self.max_context = max_context
         self.eos_ids = eos_ids
         self.in_flight: tuple[list[Request], Choice] | None = None  # a launched step: its rows, tokens
-        self.stats = EngineStats()
 
     @property
     def running(self) -> int:

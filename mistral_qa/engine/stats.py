@@ -32,6 +32,8 @@ class EngineStats:
     prefill_prompts: int = 0
     prefill_tokens: int = 0  # prompt tokens, padding excluded
     prefill_s: float = 0.0  # prefill forwards, their first tokens and text included
+    graphs: int = 0  # CUDA graphs recorded: a decode shape's first step (of launch_s)
+    capture_s: float = 0.0  # recording them with their warm-up runs (the first also compiles the decode layer)
 
     def decode_step(self, rows: int, context_columns: int, longest: int) -> None:
         self.steps += 1
@@ -44,6 +46,10 @@ class EngineStats:
         self.prefill_prompts += prompts
         self.prefill_tokens += tokens
         self.prefill_s += seconds
+
+    def graph_captured(self, seconds: float) -> None:
+        self.graphs += 1
+        self.capture_s += seconds
 
     def snapshot(self) -> dict[str, float]:
         """Every counter, copied (safe to call from any thread)."""
@@ -73,5 +79,5 @@ def summary(counters: dict[str, float]) -> dict[str, float]:
         "longest": per_step(counters["longest"]),
         **{k: counters[k] for k in ("busy_s", "launch_s", "gpu_wait_s", "text_s", "prefill_s")},
         "other_s": counters["busy_s"] - named,
-        **{k: counters[k] for k in ("prefill_calls", "prefill_prompts", "prefill_tokens")},
+        **{k: counters[k] for k in ("prefill_calls", "prefill_prompts", "prefill_tokens", "graphs", "capture_s")},
     }

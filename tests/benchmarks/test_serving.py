@@ -340,15 +340,16 @@ def test_engine_step_counters_take_each_actors_last_cumulative_line():
     prefix = "\x1b[36m(MapWorker(MapBatches(Answerer)) pid={})\x1b[0m "
     line = (
         "answerer: engine since ready: {} steps, 1.0 ms/step, {} rows/step, context {} cols for longest {}, "
-        "busy {} s, launch 1.00 s, GPU wait {} s, text 0.50 s, prefill 2.00 s (3 calls, {} prompts, 900 tokens)"
+        "busy {} s, launch 1.00 s, GPU wait {} s, text 0.50 s, prefill 2.00 s (3 calls, {} prompts, 900 tokens), "
+        "graphs {} (0.25 s)"
     )
     log = "\n".join(
         [
             prefix.format(11) + "answerer: 4 rows, 300 tokens in 3.00 s, from 100.000 to 103.000",
-            prefix.format(11) + line.format(100, 4.0, 128, 90, 5.00, 1.00, 4),
-            prefix.format(11) + line.format(300, 3.0, 256, 150, 10.00, 6.00, 8),
-            prefix.format(11) + line.format(200, 3.5, 256, 120, 8.00, 4.00, 8),  # logged late by the other thread
-            prefix.format(22) + line.format(100, 2.0, 128, 70, 6.00, 3.50, 4),
+            prefix.format(11) + line.format(100, 4.0, 128, 90, 5.00, 1.00, 4, 1),
+            prefix.format(11) + line.format(300, 3.0, 256, 150, 10.00, 6.00, 8, 3),
+            prefix.format(11) + line.format(200, 3.5, 256, 120, 8.00, 4.00, 8, 2),  # logged late by the other thread
+            prefix.format(22) + line.format(100, 2.0, 128, 70, 6.00, 3.50, 4, 1),
         ]
     )
     steps = engine_calls(log)["engine_steps"]
@@ -360,6 +361,7 @@ def test_engine_step_counters_take_each_actors_last_cumulative_line():
     assert steps["gpu_wait_s"] == pytest.approx(9.5) and steps["launch_s"] == pytest.approx(2.0)
     assert steps["other_s"] == pytest.approx(16 - 9.5 - 2 - 1 - 4)
     assert (steps["prefill_calls"], steps["prefill_prompts"], steps["prefill_tokens"]) == (6, 12, 1800)
+    assert steps["graphs"] == 4 and steps["capture_s"] == pytest.approx(0.5)  # each actor's last line
     report = {"questions": 4, "runs": [{"actors": 2, "gpus_per_actor": 1, "tok_s": 1.0, "output_tokens": 1,
               "job_wall_s": 1.0, "process_wall_s": 2.0, "rows_written": 4, "error_rows": 0, "distinct_ids": 4,
               "engine_steps": steps}]}  # fmt: skip

@@ -35,6 +35,15 @@ def tokens(engine, prompts):
     return [c.token_ids for c in engine.generate(prompts, PARAMS)]
 
 
+def test_start_up_reports_compiling_and_graph_capture(engine):
+    """The warm-up's report splits the first answer: torch.compile's compiling and the first CUDA graph."""
+    startup = engine.startup
+    assert 0 < startup["compile_s"] <= startup["first_answer_s"]
+    assert 0 < startup["graph_capture_s"] <= startup["first_answer_s"]
+    stats = engine.stats()
+    assert stats["graphs"] == len(engine.runner.steps.graphs) >= 1 and stats["capture_s"] > 0
+
+
 def test_graph_replay_equals_running_the_same_step_directly(engine):
     """CUDA graphs replay exactly the kernels of the compiled step: same tokens as running it uncaptured."""
     runner = engine.runner
