@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import concurrent.futures
 import logging
 import time
 from dataclasses import dataclass, field
@@ -30,8 +29,7 @@ class LoadedModel:
     adapters: dict[str, Path] = field(default_factory=dict)
     training_config: dict | None = None
     merged: bool = False
-    # seconds: tokenizer, model (the two load side by side, so their sum can exceed the load), adapters
-    times: dict[str, float] = field(default_factory=dict)
+    times: dict[str, float] = field(default_factory=dict)  # seconds: tokenizer, model, adapters
 
 
 def pick_device(name: str) -> torch.device:
@@ -96,26 +94,18 @@ def load(cfg: EngineConfig) -> LoadedModel:
         raise ModelLoadError("merge_adapter cannot merge into 4-bit weights; turn one of them off")
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
-    # The tokenizer loads in a thread while the model is built: they share nothing, and the tokenizer
-    # (a second or two, mostly Python) is off the start-up's critical path. A failed model load
-    # raises first; a failed tokenizer load raises once the model is in.
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tokenizer") as pool:
-        tokenizer_load = pool.submit(_timed, load_tokenizer, model_cfg)
-        model, model_s = _timed(load_base_model, model_cfg, dtype, device)
-        tokenizer, tokenizer_s = tokenizer_load.result()
-    started = time.perf_counter()
+    marks = [time.perf_counter()]
+    tokenizer = load_tokenizer(model_cfg)
+    marks.append(time.perf_counter())
+    model = load_base_model(model_cfg, dtype, device)
+    marks.append(time.perf_counter())
     if adapters:
         model = attach_adapters(model, adapters, cfg.merge_adapter)
-    times = {"tokenizer_s": tokenizer_s, "model_s": model_s, "adapters_s": time.perf_counter() - started}
+    marks.append(time.perf_counter())
+    times = {name: end - start for name, start, end in zip(("tokenizer_s", "model_s", "adapters_s"), marks, marks[1:])}
     model.eval()
     first = next(iter(training_configs.values()), None)
     return LoadedModel(model, tokenizer, model_cfg, device, adapters, first, merged=cfg.merge_adapter, times=times)
-
-
-def _timed(load, *args):
-    """(load(*args), the seconds it took)."""
-    started = time.perf_counter()
-    return load(*args), time.perf_counter() - started
 
 
 def context_limit(model, requested: int | None) -> int:
