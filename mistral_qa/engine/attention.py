@@ -75,8 +75,11 @@ def sdpa_decode(q, keys, values, mask: torch.Tensor, rows: int, dims) -> torch.T
     )
 
 
-def flex_decode(q, keys, values, mask: BlockMask, rows: int, scale: float) -> torch.Tensor:
+def flex_decode(
+    q, keys, values, mask: BlockMask, rows: int, scale: float, kernel_options: dict | None = None
+) -> torch.Tensor:
     """q: [>= rows, heads, 1, dim]; keys, values: one layer's whole cache; mask: flex_mask's.
+    kernel_options: inductor's decoding-kernel settings (benchmarks/flex_decode.py compares them).
     Returns [rows, heads, 1, dim]."""
     # Over all cache slots (those past `rows` read no blocks), the cache's shape made constant under
     # torch.compile(dynamic=True): inductor's flex-decoding kernel needs a static batch (else it
@@ -86,7 +89,9 @@ def flex_decode(q, keys, values, mask: BlockMask, rows: int, scale: float) -> to
     torch._dynamo.mark_static(keys, 2)
     everyone = q.new_zeros(keys.shape[0], *q.shape[1:])
     everyone[:rows] = q[:rows]
-    return flex_attention(everyone, keys, values, block_mask=mask, scale=scale, enable_gqa=True)[:rows]
+    return flex_attention(
+        everyone, keys, values, block_mask=mask, scale=scale, enable_gqa=True, kernel_options=kernel_options
+    )[:rows]
 
 
 def per_prompt_causal(q, k, v, starts: list[int], lengths: list[int], scale: float) -> list[torch.Tensor]:
