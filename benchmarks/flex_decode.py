@@ -57,7 +57,7 @@ def main(argv=None) -> None:
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--layers", type=int, default=32, help="for the per-step figure")
-    p.add_argument("--only", default=None, help="comma-separated candidate names (default: all)")
+    p.add_argument("--only", default=None, help="candidate names separated by | (default: all)")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks.flex_decode needs a CUDA GPU")
@@ -66,7 +66,7 @@ def main(argv=None) -> None:
     keys = torch.randn(a.slots, a.kv_heads, a.slot_len, a.head_dim, device=dev, dtype=dt)
     values = torch.randn_like(keys)
     scale = a.head_dim**-0.5
-    names = a.only.split(",") if a.only else list(CANDIDATES)
+    names = a.only.split("|") if a.only else list(CANDIDATES)
     results = {}
     for name in names:
         options = CANDIDATES[name]
