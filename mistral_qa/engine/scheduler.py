@@ -11,12 +11,18 @@ joins the running rows (moved to the next free slot) with its last chunk.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Iterable
 from typing import NamedTuple
 
 from .errors import Cancelled, EngineError, InvalidParameter
 from .request import Request
+
+# A small prefill pack waits (Scheduler._hold_back) at most until 1/HOLD_SLOTS of the slots are free,
+# and at most HOLD_S seconds.
+HOLD_SLOTS = 10
+HOLD_S = 0.2
 
 
 class SlotMove(NamedTuple):
@@ -65,6 +71,8 @@ class Scheduler:
         self.rows: list[Request] = []  # rows[i] is in cache slot i
         self.partial: Request | None = None  # a long prompt being prefilled chunk by chunk, in the last slot
         self.partial_done = 0  # its tokens in the cache so far
+        self.holding_since: float | None = None  # when a small pack began to wait (_hold_back)
+        self.clock = time.monotonic
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -95,8 +103,8 @@ class Scheduler:
 
     def plan_admission(self, prefill_tokens: int) -> AdmissionPlan:
         """Waiting requests for the free slots, short prompts (<= prefill_tokens) in packs of at most
-        prefill_tokens tokens; and the next chunk of a long prompt: one chunk per step, a long prompt
-        at a time (the others wait their turn)."""
+        prefill_tokens tokens (a small last pack may wait a few steps: _hold_back); and the next
+        chunk of a long prompt: one chunk per step, a long prompt at a time (the others wait their turn)."""
         refused: list[tuple[Request, EngineError]] = []
         chosen: list[Request] = []
         passed: list[Request] = []  # long prompts waiting for the chunking slot
@@ -113,7 +121,28 @@ class Scheduler:
             else:
                 passed.append(request)
         self.waiting.extendleft(reversed(passed))
-        return AdmissionPlan(refused, list(prefill_chunks(chosen, prefill_tokens)), self._next_chunk(prefill_tokens))
+        packs = list(prefill_chunks(chosen, prefill_tokens))
+        if packs and self._hold_back(packs[-1], prefill_tokens):
+            self.waiting.extendleft(reversed(packs.pop()))
+        else:
+            self.holding_since = None
+        return AdmissionPlan(refused, packs, self._next_chunk(prefill_tokens))
+
+    def _hold_back(self, pack: list[Request], prefill_tokens: int) -> bool:
+        """Whether a small last pack waits for more free slots. A pack costs a whole pack's forward
+        (on CUDA it is padded to prefill_tokens, and decoding stops meanwhile), so when the engine is
+        slot-bound (more requests wait than slots are free) and rows are decoding, a pack under half
+        full waits for rows to finish: until it is half full, a tenth of the slots are free, or it
+        has waited HOLD_S. Otherwise, e.g. while requests arrive one by one to free slots, every
+        request goes at once."""
+        if not self.rows or not self.waiting:  # nothing decoding, or every waiting request fits now
+            return False
+        free = self.max_batch_size - len(self.rows) - (self.partial is not None)
+        small = sum(r.prompt_tokens for r in pack) < prefill_tokens // 2 and free < self.max_batch_size // HOLD_SLOTS
+        now = self.clock()
+        if self.holding_since is None:
+            self.holding_since = now
+        return small and now - self.holding_since < HOLD_S
 
     def _next_chunk(self, prefill_tokens: int) -> ChunkPlan | None:
         request, start = self.partial, self.partial_done
