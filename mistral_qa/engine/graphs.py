@@ -1,10 +1,12 @@
 """Decode steps: exact shapes, eagerly, on CPU; on CUDA padded to a few bucketed shapes, each
 captured once as a CUDA graph and replayed (one launch per step instead of hundreds of kernels).
 
-The bucketing keeps answers independent of what else runs. The matmuls always cover at least
-GEMM_ROWS rows (decode is bound by reading the weights, so up to that many rows cost the same as
-one), and every row's numbers come from the same kernels whether it runs alone or in a full batch;
-attention is per row, so its padding (rows and context columns) does not change a row's result.
+The bucketing keeps answers independent of what else runs, up to GEMM_ROWS rows: the matmuls always
+cover at least GEMM_ROWS rows (decode is bound by reading the weights, so up to that many rows cost
+the same as one), so a row's numbers come from the same kernels alone or in a batch of up to
+GEMM_ROWS; attention is per row, so its padding (rows and context columns) does not change a row's
+result. A step of more rows runs larger matmuls, whose kernels cuBLAS picks by size: there a row's
+numbers can differ in rounding from the same row alone.
 """
 
 from __future__ import annotations
