@@ -19,7 +19,7 @@ from mistral_qa.adapters import AdapterError
 from mistral_qa.entry import prog, run_main
 from mistral_qa.model import ModelLoadError
 
-from .merge import DTYPES, ExportError, export_merged, push_to_hub
+from .merge import DTYPES, ExportError, check_hub_token, export_merged, push_to_hub
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def export(args: argparse.Namespace) -> int:
+    if args.push_to_hub:
+        check_hub_token()  # before the merge, which takes minutes for a 7B model
     out = export_merged(
         args.adapter, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size, overwrite=args.overwrite
     )

@@ -97,16 +97,21 @@ def export_merged(
     return out
 
 
+def check_hub_token() -> str:
+    """The hub token from HF_TOKEN / HF_TOKEN_FILE; ExportError without one."""
+    token = hub_token()
+    if token is None:
+        raise ExportError("--push-to-hub needs a hub token: set HF_TOKEN or HF_TOKEN_FILE")
+    return token
+
+
 def push_to_hub(folder: Path, repo: str, private: bool = True) -> str:
     """Upload an exported folder to the hub repo `repo` (created if missing) with HF_TOKEN /
     HF_TOKEN_FILE; returns the repo's URL. Offline or without a token: ExportError."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
-    token = hub_token()
-    if token is None:
-        raise ExportError("--push-to-hub needs a hub token: set HF_TOKEN or HF_TOKEN_FILE")
-    api = HfApi(token=token)
+    api = HfApi(token=check_hub_token())
     try:
         url = api.create_repo(repo, private=private, exist_ok=True)
         api.upload_folder(folder_path=str(folder), repo_id=repo, commit_message="mistral-qa export")
@@ -120,4 +125,4 @@ def push_to_hub(folder: Path, repo: str, private: bool = True) -> str:
     return str(url)
 
 
-__all__ = ["ExportError", "ModelLoadError", "export_merged", "push_to_hub"]
+__all__ = ["ExportError", "ModelLoadError", "check_hub_token", "export_merged", "push_to_hub"]

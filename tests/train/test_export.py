@@ -88,16 +88,19 @@ def test_push_to_hub_offline_fails_clearly_and_keeps_the_export(tiny_adapter, tm
     assert secret not in proc.stdout + proc.stderr
     assert (out / "config.json").is_file()
 
+    # Without a token it fails before the merge (minutes for a 7B model), writing nothing.
     no_token = {k: v for k, v in env.items() if k not in ("HF_TOKEN", "HF_TOKEN_FILE")}
+    never = tmp_path / "never"
     proc = subprocess.run(
-        [*command, "--overwrite", "--push-to-hub", "someone/mistral-qa"],
+        [sys.executable, "-m", "train.export", "--adapter", str(tiny_adapter), "--out", str(never)]
+        + ["--push-to-hub", "someone/mistral-qa"],
         cwd=ROOT,
         env=no_token,
         capture_output=True,
         text=True,
         timeout=300,
     )
-    assert proc.returncode == 1 and "HF_TOKEN" in proc.stderr
+    assert proc.returncode == 1 and "HF_TOKEN" in proc.stderr and not never.exists()
 
 
 @pytest.mark.slow
