@@ -15,6 +15,7 @@ from mistral_qa.engine import Engine
 def _runner(engine: Engine):
     if engine.pending:
         raise RuntimeError("probe the engine only while it answers nothing")
+    engine.engine_thread.wait_parked()  # the step launched ahead of the last answer may still run
     return engine.runner
 
 

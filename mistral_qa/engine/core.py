@@ -146,8 +146,8 @@ class Engine:
     @property
     def runner(self) -> StepRunner:
         """The step runner the engine thread drives (its decoder, decode steps, scheduler, stats): a
-        hook for tests and measurements. Call into it only while the engine answers nothing
-        (`pending == 0`) and from one thread; benchmarks/engine_probe.py builds on it."""
+        hook for tests and measurements. Call into it from one thread, only after
+        `engine_thread.wait_parked()` and before the next submit; benchmarks/engine_probe.py builds on it."""
         return self._runner
 
     @property

@@ -37,6 +37,7 @@ class EngineThread:
         self.died: BaseException | None = None  # what ended the engine thread, if something did
         self.closed = False
         self._step_started: float | None = None  # monotonic time the running step began
+        self._parked = threading.Event()  # set while the thread, with no work, waits for a request
 
     def submit(self, request: Request) -> None:
         """Queue a request; its on_delta is then called from the engine thread (or at once, with the
@@ -71,6 +72,13 @@ class EngineThread:
             raise EngineFailure(
                 TimeoutError(f"a step has been running for {running:.1f} s (the bound is {self.step_timeout_s} s)")
             )
+
+    def wait_parked(self, timeout: float = 60.0) -> None:
+        """Wait until the thread has no work and waits for a request. From then until the next
+        submit no other thread touches the runner, so a test or a probe may step it directly.
+        (`pending == 0` is not enough: the step launched ahead of the last answer may still run.)"""
+        if self._thread is not None and not self._parked.wait(timeout):
+            raise TimeoutError(f"the engine thread still had work after {timeout} s")
 
     def join(self, timeout: float) -> bool:
         """Wait up to `timeout` seconds for the engine thread to end; whether it has (or never started)."""
@@ -112,7 +120,11 @@ class EngineThread:
         runner = self._runner
         while True:
             # Block only when idle; while generating, take whatever has arrived and keep stepping.
-            items = [self._inbox.get()] if not runner.has_work() else []
+            items = []
+            if not runner.has_work():
+                self._parked.set()
+                items.append(self._inbox.get())
+                self._parked.clear()
             while True:
                 try:
                     items.append(self._inbox.get_nowait())

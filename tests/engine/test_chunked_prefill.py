@@ -68,8 +68,9 @@ def test_answers_do_not_depend_on_the_batch(engine, references, padded):
 
 
 def test_running_rows_decode_between_chunks(engine, references):
-    """Steps the runner from this thread (the engine thread is idle): a short request runs, then a long
+    """Steps the runner from this thread (the engine thread parked): a short request runs, then a long
     prompt arrives; the short one gets a token after every chunk of the long one."""
+    engine.engine_thread.wait_parked()
     runner = engine.runner
     running = engine.make_request(SHORT[1], SamplingParams(max_tokens=64))
     long = engine.make_request(LONG[0], PARAMS)

@@ -23,8 +23,9 @@ def engine():
 
 def run_directly(engine: Engine, requests: list[Request]) -> list:
     """Queue `requests` together and step the engine's runner from this thread until they are done:
-    they are admitted in one step, so they share one prefill pack. The engine thread is idle (nothing
-    was submitted to it), so only this thread touches the runner."""
+    they are admitted in one step, so they share one prefill pack. Once the engine thread is parked
+    (nothing is submitted to it meanwhile), only this thread touches the runner."""
+    engine.engine_thread.wait_parked()
     runner = engine.runner
     results: list = [None] * len(requests)
     for i, request in enumerate(requests):
