@@ -5,8 +5,9 @@ cache of rows, against SDPA's answer over the same columns.
     python -m benchmarks.flex_decode [--slots 512] [--slot-len 1024] [--context 320]
 
 Each setting compiles the engine's own `flex_decode` (attention.py) as the decode layer does
-(torch.compile, dynamic shapes), then times 200 calls in CUDA events after 20 warm-up calls; the
-median of 5 such runs is reported per call, and x layers for a whole step. The cache holds random
+(torch.compile, dynamic shapes), then, after 20 warm-up calls, captures 200 calls in a CUDA graph (as
+the engine's decode steps are) and times its replay in CUDA events; the median of 5 replays is
+reported per call, and x layers for a whole step. The cache holds random
 fp16 keys and values; every row attends to `context` columns. GPU only.
 """
 
@@ -35,14 +36,21 @@ CANDIDATES = {
 
 
 def timed_ms(call, calls: int = 200, warmup: int = 20, repeats: int = 5) -> float:
+    """ms per call: `calls` calls captured in one CUDA graph (as the engine replays its decode steps,
+    so a small call is timed by its kernels, not by launching them), replayed `repeats` times."""
     for _ in range(warmup):
         call()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            call()
+    graph.replay()
     runs = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        for _ in range(calls):
-            call()
+        graph.replay()
         end.record()
         torch.cuda.synchronize()
         runs.append(start.elapsed_time(end) / calls)
