@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from mistral_qa.engine.attention import flex_decode, flex_mask
 
 # Inductor's choice on sm_90 (torch 2.11-2.13) is BLOCK_N 64, one stage, two warps: no load pipelining.
-# The engine's (attention.FLEX_DECODE_OPTIONS) is "stages 3, warps 4".
+# The engine's for caches of 256 slots or more (attention.FLEX_DECODE_OPTIONS) is "stages 3, warps 4".
 CANDIDATES = {
     "inductor default": None,
     "stages 2, warps 4": {"num_stages": 2, "num_warps": 4},

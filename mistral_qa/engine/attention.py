@@ -18,10 +18,14 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 # Prefill's SDPA kernels, never cuDNN's: PyTorch's first choice on Hopper, they build a plan per prompt length.
 PREFILL_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
-# Flex decode's kernel settings on CUDA: three pipelined load stages and four warps instead of inductor's
-# one stage and two on sm_90 (BLOCK_N stays 64). Decode attention over 512 rows x 320 tokens: 6.67 ms
-# a step instead of 7.10 on an H200, the same at 128 tokens (python -m benchmarks.flex_decode, BENCHMARKS.md).
+# Flex decode's kernel settings on CUDA for a cache of at least FLEX_OPTIONS_MIN_SLOTS slots: three
+# pipelined load stages and four warps instead of inductor's one stage and two on sm_90 (BLOCK_N stays
+# 64). On an H200 (python -m benchmarks.flex_decode, BENCHMARKS.md) they cut a full 512-row step's
+# attention by ~6% and cost one row in a 512-slot cache ~0.17 ms a step; in a 64-slot cache they cost
+# a full 64-row step ~12%, so smaller caches (serving's) keep inductor's own.
 FLEX_DECODE_OPTIONS = {"num_stages": 3, "num_warps": 4}
+FLEX_OPTIONS_MIN_SLOTS = 256
+
 
 # Flex block mask: cache columns per KV block, and the size of its one query block (inductor's decoding
 # kernel needs a multiple of its 16-row tile there).
@@ -81,11 +85,12 @@ def sdpa_decode(q, keys, values, mask: torch.Tensor, rows: int, dims) -> torch.T
 
 
 def flex_decode(
-    q, keys, values, mask: BlockMask, rows: int, scale: float, kernel_options: dict | None = FLEX_DECODE_OPTIONS
+    q, keys, values, mask: BlockMask, rows: int, scale: float, kernel_options: dict | None | str = "auto"
 ) -> torch.Tensor:
     """q: [>= rows, heads, 1, dim]; keys, values: one layer's whole cache; mask: flex_mask's.
-    kernel_options: inductor's decoding-kernel settings on CUDA (None: inductor's own; benchmarks/flex_decode.py
-    compares them). Returns [rows, heads, 1, dim]."""
+    kernel_options: inductor's decoding-kernel settings on CUDA; "auto": FLEX_DECODE_OPTIONS for a cache
+    of FLEX_OPTIONS_MIN_SLOTS slots or more, else None, inductor's own (benchmarks/flex_decode.py compares
+    them). Returns [rows, heads, 1, dim]."""
     # Over all cache slots (those past `rows` read no blocks), the cache's shape made constant under
     # torch.compile(dynamic=True): inductor's flex-decoding kernel needs a static batch (else it
     # falls back to its general kernel) and skips bounds checks when the length is whole blocks.
@@ -94,6 +99,8 @@ def flex_decode(
     torch._dynamo.mark_static(keys, 2)
     everyone = q.new_zeros(keys.shape[0], *q.shape[1:])
     everyone[:rows] = q[:rows]
+    if kernel_options == "auto":
+        kernel_options = FLEX_DECODE_OPTIONS if keys.shape[0] >= FLEX_OPTIONS_MIN_SLOTS else None
     options = kernel_options if q.device.type == "cuda" else None
     return flex_attention(
         everyone, keys, values, block_mask=mask, scale=scale, enable_gqa=True, kernel_options=options
