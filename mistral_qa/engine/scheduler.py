@@ -138,11 +138,12 @@ class Scheduler:
         if not self.rows or not self.waiting:  # nothing decoding, or every waiting request fits now
             return False
         free = self.max_batch_size - len(self.rows) - (self.partial is not None)
-        small = sum(r.prompt_tokens for r in pack) < prefill_tokens // 2 and free < self.max_batch_size // HOLD_SLOTS
+        if sum(r.prompt_tokens for r in pack) >= prefill_tokens // 2 or free >= self.max_batch_size // HOLD_SLOTS:
+            return False
         now = self.clock()
         if self.holding_since is None:
             self.holding_since = now
-        return small and now - self.holding_since < HOLD_S
+        return now - self.holding_since < HOLD_S
 
     def _next_chunk(self, prefill_tokens: int) -> ChunkPlan | None:
         request, start = self.partial, self.partial_done
