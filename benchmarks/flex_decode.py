@@ -32,6 +32,10 @@ CANDIDATES = {
     "block_n 128, stages 2, warps 4": {"BLOCK_N": 128, "num_stages": 2, "num_warps": 4},
     "block_n 32, stages 4, warps 2": {"BLOCK_N": 32, "num_stages": 4, "num_warps": 2},
     "stages 3, warps 4, split 4": {"num_stages": 3, "num_warps": 4, "SPLIT_KV": 4},
+    # Inductor splits a row's blocks over SMs only when the cache has few slots x KV heads (SPLIT_KV =
+    # 2 x SMs // (slots x kv heads): 1 for 64 slots x 8 heads), so one row of a 64-slot cache runs 8 programs.
+    "split 4": {"SPLIT_KV": 4},
+    "block_n 128, stages 2, warps 4, split 2": {"BLOCK_N": 128, "num_stages": 2, "num_warps": 4, "SPLIT_KV": 2},
 }
 
 

@@ -6,6 +6,8 @@ closer to real traffic). Every answer must equal its prompt's answer when it ran
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from serve.ready import wait_until_ready
 
 from .loadgen import LoadResult, StreamResult, closed_loop, summarize
@@ -74,13 +76,33 @@ def check_against_reference(load: LoadResult, reference: list[StreamResult], n_p
     }
 
 
+def replica_stats() -> dict[str, float]:
+    """The replica's engine step-loop counters (ChatServer.engine_stats, through a deployment handle)."""
+    from ray import serve
+
+    return serve.get_app_handle(APP_NAME).engine_stats.remote().result()
+
+
 def timed_load(
-    endpoint: str, bodies: list[dict], requests: int, concurrency: int, ramp_s: float, alone: LoadResult
+    endpoint: str,
+    bodies: list[dict],
+    requests: int,
+    concurrency: int,
+    ramp_s: float,
+    alone: LoadResult,
+    engine_stats: Callable[[], dict] | None = None,
 ) -> dict:
-    """One timed closed loop of `requests` requests: its figures and the check against the answers alone."""
+    """One timed closed loop of `requests` requests: its figures, the check against the answers alone
+    and, given `engine_stats` (replica_stats), the replica's engine step loop over the load (ms per
+    decode step and where it went), which tells the engine's own pace from what HTTP and Serve add."""
+    from mistral_qa.engine.stats import difference, summary
+
+    before = engine_stats() if engine_stats else None
     load = closed_loop(endpoint, [bodies[i % len(bodies)] for i in range(requests)], concurrency, ramp_s=ramp_s)
     stats = summarize(load)
     stats["correctness"] = check_against_reference(load, alone.results, len(bodies))
+    if engine_stats:
+        stats["engine"] = {"actors": 1, **summary(difference(engine_stats(), before))}
     return stats
 
 
@@ -100,6 +122,7 @@ def run_serve_load(
     warmup: int,
     log,
     ramp_s: float = 0.0,
+    engine_stats: Callable[[], dict] | None = None,
 ) -> dict:
     """The burst run's figures at the top level (as before the staggered run existed), the staggered
     run's under "staggered" (absent when ramp_s is 0), and the single requests' under "single_request"."""
@@ -116,10 +139,10 @@ def run_serve_load(
     if warmup:  # the first full batch captures the engine's larger CUDA graphs
         closed_loop(endpoint, [bodies[i % len(bodies)] for i in range(warmup)], concurrency)
         log(f"serve warm-up: {warmup} requests")
-    stats = timed_load(endpoint, bodies, requests, concurrency, 0.0, alone)
+    stats = timed_load(endpoint, bodies, requests, concurrency, 0.0, alone, engine_stats)
     _log_run(log, "burst (all clients start together)", stats)
     if ramp_s > 0:
-        stats["staggered"] = timed_load(endpoint, bodies, requests, concurrency, ramp_s, alone)
+        stats["staggered"] = timed_load(endpoint, bodies, requests, concurrency, ramp_s, alone, engine_stats)
         _log_run(log, f"staggered (starts spread over {ramp_s:g} s)", stats["staggered"])
     stats["single_request"] = {k: single[k] for k in ("ttft_p50_ms", "inter_token_p50_ms", "latency_p50_s")}
     return stats

@@ -43,7 +43,7 @@ from . import gpu
 from .serving_report import render, table_rows, write_outputs
 
 ROOT = Path(__file__).resolve().parents[1]
-PHASES = ("engine", "adapters", "serve", "batch", "hf")  # the order they run in
+PHASES = ("engine", "adapters", "service", "serve", "batch", "hf")  # the order they run in
 DEFAULT_ALPACA = ROOT.parent / "shared" / "data" / "alpaca_en_demo.json"
 
 
@@ -290,23 +290,47 @@ def phase_adapters(b: Bench) -> dict:
         return {**result, "peak_gpu_gib": peak.read(), "peak_note": "torch, the largest of the three engines"}
 
 
-def phase_serve(b: Bench) -> dict:
-    from . import serve_run
-
+def serve_app_args(b: Bench) -> dict:
     a = b.args
-    b.ray_address()
-    app_args = {
+    return {
         "engine": {"model": b.model_cfg.model_dump(), **b.engine_settings()},
         "default_max_tokens": a.max_tokens,
         "max_pending": max(64, 2 * a.concurrency),
         "stream_interval_ms": a.stream_interval_ms,
     }
+
+
+def phase_service(b: Bench) -> dict:
+    from .service_load import run_service_load
+
+    a = b.args
+    with gpu.TorchPeak() as peak:
+        result = run_service_load(
+            b.engine_config(), serve_app_args(b), b.prompts, a.requests, a.concurrency, a.max_tokens, log
+        )
+    return {**result, "peak_gpu_gib": peak.read(), "peak_note": "torch max_memory_allocated"}
+
+
+def phase_serve(b: Bench) -> dict:
+    from . import serve_run
+
+    a = b.args
+    b.ray_address()
+    app_args = serve_app_args(b)
     with gpu.SmiPeak() as peak:
         try:
             url = serve_run.deploy(app_args, a.port, a.concurrency, num_gpus=1 if b.cuda else 0)
             log(f"serve: app up at {url}")
             result = serve_run.run_serve_load(
-                url, b.prompts, a.requests, a.concurrency, a.max_tokens, a.serve_warmup, log, a.serve_ramp_s
+                url,
+                b.prompts,
+                a.requests,
+                a.concurrency,
+                a.max_tokens,
+                a.serve_warmup,
+                log,
+                a.serve_ramp_s,
+                serve_run.replica_stats,
             )
         finally:
             serve_run.shutdown()
@@ -388,6 +412,7 @@ def phase_hf(b: Bench) -> dict:
 RUNNERS = {
     "engine": phase_engine,
     "adapters": phase_adapters,
+    "service": phase_service,
     "serve": phase_serve,
     "batch": phase_batch,
     "hf": phase_hf,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from . import profiling as P
 
-ORDER = ("hf", "engine", "serve", "adapters", "batch")
+ORDER = ("hf", "engine", "service", "serve", "adapters", "batch")
 
 
 def _fmt(value) -> str:
@@ -92,6 +92,7 @@ def _load_rows(r: dict, start: str, suffix: str) -> list[tuple]:
             "PASS" if c["passed"] else "FAIL",
             f"failed requests: {r['failed']}",
         ),
+        *_engine_step_rows(f"Serve replica{suffix}", r.get("engine")),
     ]
 
 
@@ -105,6 +106,32 @@ def serve_rows(r: dict) -> list[tuple]:
     return rows + [
         ("HTTP single request alone: TTFT p50", single["ttft_p50_ms"], "ms", None),
         ("HTTP single request alone: inter-token p50", single["inter_token_p50_ms"], "ms/token", None),
+    ]
+
+
+def service_rows(r: dict) -> list[tuple]:
+    """The replica's code in process (benchmarks/service_load.py): the serve burst's rows without HTTP."""
+    c, who = r["correctness"], f"{r['concurrency']} streams in process, all starting together"
+    return [
+        (
+            f"{who}: output tok/s",
+            r["tok_s"],
+            "tok/s",
+            f"{r['requests']} requests through OpenAIService, no Ray or HTTP",
+        ),
+        (
+            f"{who}: TTFT p50 / inter-token p50",
+            r["ttft_p50_ms"],
+            "ms",
+            f"inter-token {_fmt(r['inter_token_p50_ms'])} ms",
+        ),
+        (
+            f"{who}: answers equal the prompt's answer alone",
+            f"{c['matching']}/{c['checked']}",
+            "PASS" if c["passed"] else "FAIL",
+            f"failed requests: {r['failed']}",
+        ),
+        *_engine_step_rows(who, r.get("engine")),
     ]
 
 
@@ -187,7 +214,14 @@ def batch_rows(r: dict) -> list[tuple]:
     return rows
 
 
-ROWS = {"hf": hf_rows, "engine": engine_rows, "serve": serve_rows, "adapters": adapter_rows, "batch": batch_rows}
+ROWS = {
+    "hf": hf_rows,
+    "engine": engine_rows,
+    "service": service_rows,
+    "serve": serve_rows,
+    "adapters": adapter_rows,
+    "batch": batch_rows,
+}
 
 
 def table_rows(phases: dict) -> list[dict]:

@@ -96,6 +96,11 @@ class ChatServer:
         and Serve replaces it. Raises when the engine thread died or hangs."""
         self.engine.check_health()
 
+    def engine_stats(self) -> dict[str, float]:
+        """The engine's step-loop counters (mistral_qa.engine.stats), for a deployment handle's caller:
+        benchmarks/serve_run.py reads them around a load to see where the replica's steps go."""
+        return self.engine.stats()
+
     @api.get("/", include_in_schema=False)
     async def page(self) -> FileResponse:
         return FileResponse(STATIC / "index.html", media_type="text/html")

@@ -223,7 +223,7 @@ def positive(x) -> bool:
 def test_benchmark_reports_every_phase(tiny_benchmark):
     report, markdown, stdout = tiny_benchmark
     phases = report["phases"]
-    assert set(phases) == {"hf", "engine", "serve", "adapters", "batch"}
+    assert set(phases) == {"hf", "engine", "service", "serve", "adapters", "batch"}
     assert not [name for name, r in phases.items() if "error" in r]
     table_phases = {row["phase"] for row in report["table"]}
     assert table_phases == set(phases) and not [r for r in report["table"] if r["metric"] == "FAILED"]
@@ -267,6 +267,20 @@ def test_serve_figures_and_answers_equal_their_answer_alone(tiny_benchmark):
     assert serve["ttft_p99_ms"] >= serve["ttft_p50_ms"]
     assert positive(serve["single_request"]["ttft_p50_ms"])
     assert "| answers equal the prompt's answer alone | 8/8 | PASS |" in tiny_benchmark[1]
+    # The replica's own step loop over the burst, read through a deployment handle: it decoded every
+    # answer's tokens after the first (a prefill gives the first) and prefilled the load's 8 prompts.
+    steps = serve["engine"]
+    assert steps["steps"] >= 15 and steps["prefill_prompts"] == 8 and positive(steps["ms_per_step"])
+    assert "| serve | Serve replica: engine step loop |" in tiny_benchmark[1]
+
+
+@pytest.mark.slow  # one whole tiny run of every phase (~1.5-3 min)
+def test_service_in_process_figures(tiny_benchmark):
+    service = tiny_benchmark[0]["phases"]["service"]
+    assert service["correctness"]["passed"] and service["correctness"]["matching"] == 8
+    assert service["ok"] == 8 and service["output_tokens"] == 8 * 16 and positive(service["tok_s"])
+    assert service["engine"]["prefill_prompts"] == 8 and service["engine"]["steps"] >= 15
+    assert "| service | 4 streams in process, all starting together: output tok/s |" in tiny_benchmark[1]
 
 
 @pytest.mark.slow  # one whole tiny run of every phase (~1.5-3 min)
