@@ -8,8 +8,10 @@ per row, so a row gets the same numbers whatever it is batched with; a batch whe
 any of them takes the plain path (one argmax), as cheap as before they existed.
 
 `choose` leaves everything on the device without waiting for it, so the runner can feed the tokens
-to the next decode step before it reads them (`Choice.read`). Penalty counts stay on the device too;
-only grammar masks need the host (the runner does not run ahead of grammar rows).
+to the next decode step before it reads them (`Choice.read`); on CUDA it queues their copies to the
+host at once, so reading them later waits for their own step, not for the next one launched
+meanwhile. Penalty counts stay on the device too; only grammar masks need the host (the runner does
+not run ahead of grammar rows).
 """
 
 from __future__ import annotations
@@ -31,12 +33,33 @@ HostLogprobs = tuple[float, list[tuple[int, float]]]
 class Choice:
     tokens: torch.Tensor  # [rows] long, on the logits' device
     logprobs: dict[int, _Logprobs] = field(default_factory=dict)  # row index -> its reading
+    _host: list[torch.Tensor] | None = None  # CUDA: the tensors above, copied into pinned host memory
+    _copied: torch.cuda.Event | None = None  # recorded on the stream after those copies
+
+    def send_to_host(self) -> None:
+        """CUDA: queue the copies of the tokens (and logprobs) to the host now, behind the work that
+        computes them, so that `read` waits for this step only. A plain read (`tolist`) would queue its
+        copy at the time of reading, behind whatever was launched since: the runner launches the next
+        decode step before it reads this one, and would wait for that step too."""
+        if self.tokens.device.type != "cuda":
+            return
+        tensors = [self.tokens, *(t for reading in self.logprobs.values() for t in reading)]
+        self._host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+        for host, device in zip(self._host, tensors, strict=True):
+            host.copy_(device, non_blocking=True)
+        self._copied = torch.cuda.Event()
+        self._copied.record()
 
     def read(self) -> list[tuple[int, HostLogprobs | None]]:
         """(token, logprobs or None) per row, on the host (waits for the device)."""
-        tokens = self.tokens.tolist()
+        tokens, readings = self.tokens, list(self.logprobs.values())
+        if self._copied is not None:
+            self._copied.synchronize()  # the step's own copies, not what was launched after them
+            tokens, *flat = self._host
+            readings = [tuple(flat[k : k + 3]) for k in range(0, len(flat), 3)]
+        tokens = tokens.tolist()
         out: list[tuple[int, HostLogprobs | None]] = [(t, None) for t in tokens]
-        for i, (chosen, values, ids) in self.logprobs.items():
+        for i, (chosen, values, ids) in zip(self.logprobs, readings, strict=True):
             top = list(zip(ids.tolist(), values.tolist(), strict=True))
             out[i] = (tokens[i], (chosen.item(), top))
         return out
@@ -67,6 +90,7 @@ def choose(logits: torch.Tensor, rows: Sequence[Request]) -> Choice:
             choice.logprobs[i] = _read_logprobs(logits[i], chosen[i], row.params.top_logprobs)
         if row.counts is not None:
             row.counts.index_add_(0, chosen[i : i + 1], torch.ones(1, device=logits.device))
+    choice.send_to_host()
     return choice
 
 
